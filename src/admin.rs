@@ -1,0 +1,143 @@
+//! The admin server: probes, introspection and a shutdown hook, on loopback by default.
+//!
+//! Owns: `/live`, `/ready`, `/config`, `/upstreams`, `POST /shutdown`. Must not: change
+//! routing — it reads `App` state, and its only write is asking for shutdown.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+
+/// Serves the admin API on an already bound socket until `stop` is cancelled.
+pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => return,
+            r = socket.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(route(&app, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("admin connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => ready(app),
+        (&Method::GET, "/config") => config(app).await,
+        (&Method::GET, "/upstreams") => upstreams(app),
+        (&Method::POST, "/shutdown") => {
+            tracing::info!("shutdown requested through the admin API");
+            app.shutdown(false);
+            json_response(StatusCode::ACCEPTED, &json!({ "shutting_down": true }))
+        }
+        (_, "/live" | "/ready" | "/config" | "/upstreams" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live /ready /config /upstreams\n",
+        ),
+    }
+}
+
+fn ready(app: &App) -> Response<Full<Bytes>> {
+    match app.readiness() {
+        Ok(()) => json_response(StatusCode::OK, &json!({ "ready": true })),
+        Err(reasons) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "ready": false, "reasons": reasons }),
+        ),
+    }
+}
+
+async fn config(app: &App) -> Response<Full<Bytes>> {
+    let runtime = app.runtime();
+    let status = app.status().borrow().clone();
+    let loaded_at = humantime::format_rfc3339_seconds(runtime.loaded_at).to_string();
+    let body = json!({
+        "generation": runtime.generation,
+        "hash": runtime.hash,
+        "loaded_at": loaded_at,
+        "reload_failures": status.reload_failures,
+        "last_reload_error": status.last_reload_error,
+        "listeners": app.listener_addrs().await,
+        "config": runtime.config.to_json(),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+fn upstreams(app: &App) -> Response<Full<Bytes>> {
+    let runtime = app.runtime();
+    let services: serde_json::Map<_, _> = runtime
+        .upstreams
+        .iter()
+        .map(|(name, up)| {
+            let view = json!({
+                "load_balancing": up.config.load_balancing,
+                "protocol": up.config.protocol,
+                "discovery": discovery_name(&up.config.discovery),
+                "synced": up.balancer.snapshot().synced,
+                "endpoints": up.balancer.describe(),
+            });
+            (name.clone(), view)
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({ "generation": runtime.generation, "services": services }),
+    )
+}
+
+fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {
+    match d {
+        crate::config::DiscoveryConfig::Static { .. } => "static",
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("static"),
+    );
+    resp
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "application/json".parse().expect("static"),
+    );
+    resp
+}

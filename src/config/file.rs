@@ -1,0 +1,90 @@
+//! The YAML file as serde sees it: plain data, every field optional where a default exists.
+//!
+//! Owns: the exact shape of the file (`deny_unknown_fields` everywhere). Must not: hold
+//! parsed addresses or durations — those are strings here so that `validate` can report
+//! every bad value at once, with its path, instead of stopping at the first one.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{ListenerProtocol, Policy, UpstreamProtocol};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub admin: AdminFile,
+    #[serde(default)]
+    pub shutdown: ShutdownFile,
+    #[serde(default)]
+    pub listeners: Vec<ListenerFile>,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub bind: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownFile {
+    pub drain_window: Option<String>,
+    pub grace_period: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: String,
+    pub bind: String,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    pub service: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    #[serde(default)]
+    pub discovery: DiscoveryKind,
+    #[serde(default)]
+    pub endpoints: Option<Vec<EndpointFile>>,
+    #[serde(default)]
+    pub load_balancing: Policy,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+}
+
+/// Which discovery source feeds a service. Only `static` exists so far; the etcd source
+/// plugs in here.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryKind {
+    #[default]
+    Static,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    pub addr: String,
+    /// Signed so that `weight: -1` reaches validation and gets a message with its path.
+    pub weight: Option<i64>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    pub connect: Option<String>,
+    pub request: Option<String>,
+    pub idle: Option<String>,
+    pub tcp_idle: Option<String>,
+}

@@ -1,0 +1,188 @@
+//! Configuration: one YAML file in, one validated, typed [`Config`] out.
+//!
+//! Owns: parsing (`file`), `${VAR}` expansion, validation that reports *every* problem with
+//! its YAML path and line (`validate`, `locate`), and the config hash. Must not: start
+//! anything, or let raw YAML types leak past this module — runtime code sees only the types
+//! below (`SocketAddr`, `Duration`, `NonZeroU32`, enums).
+
+mod file;
+mod locate;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use validate::{Problem, defaults};
+
+/// The validated configuration. Cheap to compare, so reload can tell what changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long listeners keep proxying while `/ready` is false.
+    #[serde(with = "human")]
+    pub drain_window: Duration,
+    /// After listeners stop accepting, how long in-flight requests may take to finish.
+    #[serde(with = "human")]
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: ListenerProtocol,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerProtocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceConfig {
+    pub discovery: DiscoveryConfig,
+    pub load_balancing: Policy,
+    pub protocol: UpstreamProtocol,
+    pub timeouts: Timeouts,
+}
+
+/// Where a service's endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "source")]
+pub enum DiscoveryConfig {
+    Static { endpoints: Vec<EndpointSpec> },
+}
+
+/// One instance of a service as discovery reports it: plain data, no runtime state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub weight: NonZeroU32,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    #[default]
+    WeightedRoundRobin,
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// TCP connect to an endpoint.
+    #[serde(with = "human")]
+    pub connect: Duration,
+    /// From sending the request until the response headers arrive (bodies may stream longer).
+    #[serde(with = "human")]
+    pub request: Duration,
+    /// A pooled HTTP upstream connection idle this long is closed. Keep it below the
+    /// upstream's own keep-alive timeout to avoid reusing a connection it is closing.
+    #[serde(with = "human")]
+    pub idle: Duration,
+    /// A TCP proxy connection with no bytes in either direction for this long is closed.
+    #[serde(with = "human")]
+    pub tcp_idle: Duration,
+}
+
+/// Why a config could not be loaded. `Invalid` carries every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "{n} problem{} in config", if n == 1 { "" } else { "s" })?;
+        for p in self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads, expands `${VAR}` from the process environment, and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses YAML text, expanding `${VAR}` and `${VAR:-default}` from the environment.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Self::parse_with_env(text, std::env::vars().collect())
+    }
+
+    pub fn parse_with_env(
+        text: &str,
+        env: std::collections::HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        validate::parse(text, env).map_err(ConfigError::Invalid)
+    }
+
+    /// A stable hash of the effective config: comment-only or formatting edits do not change it.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Durations as humantime strings ("1s", "250ms") in the effective config output.
+mod human {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}

@@ -1,0 +1,362 @@
+//! File structs → typed [`Config`], collecting every problem with its YAML path and line.
+//!
+//! Owns: defaults, ranges, and cross-field checks (unique names and ports, listeners that
+//! name a known service). Must not: stop at the first problem once the YAML has parsed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use super::file::{DiscoveryKind, EndpointFile, File, ListenerFile, ServiceFile, TimeoutsFile};
+use super::locate::{Index, Pos, join_key};
+use super::*;
+
+/// Defaults for every optional field; `config/reference.yaml` documents the same values.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const ADMIN_BIND: &str = "127.0.0.1:9901";
+    pub const DRAIN_WINDOW: Duration = Duration::from_secs(5);
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(20);
+    pub const CONNECT: Duration = Duration::from_secs(1);
+    pub const REQUEST: Duration = Duration::from_secs(15);
+    pub const IDLE: Duration = Duration::from_secs(30);
+    pub const TCP_IDLE: Duration = Duration::from_secs(3600);
+    pub const WEIGHT: u32 = 1;
+    pub const MAX_WEIGHT: u32 = 65_535;
+}
+
+/// One thing wrong with a config, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// YAML path, e.g. `services.payments.endpoints[1].weight`; empty for the whole file.
+    pub path: String,
+    pub pos: Option<Pos>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() {
+            "<file>"
+        } else {
+            &self.path
+        };
+        match self.pos {
+            Some(p) => write!(
+                f,
+                "{path} (line {}, column {}): {}",
+                p.line, p.column, self.message
+            ),
+            None => write!(f, "{path}: {}", self.message),
+        }
+    }
+}
+
+pub fn parse(text: &str, env: HashMap<String, String>) -> Result<Config, Vec<Problem>> {
+    let index = Index::build(text);
+    let options = serde_saphyr::Options::default().with_properties(env);
+    let file: File = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| vec![from_serde(&index, &e)])?;
+    let mut v = Validator {
+        index,
+        problems: Vec::new(),
+    };
+    let config = v.config(file);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(v.problems)
+    }
+}
+
+/// A YAML or schema error: serde stops at the first one, so this is the only problem reported.
+fn from_serde(index: &Index, e: &serde_saphyr::Error) -> Problem {
+    let pos = e.location().filter(|l| l.line() > 0).map(|l| Pos {
+        line: l.line() as usize,
+        column: l.column() as usize,
+    });
+    let path = pos.and_then(|p| index.path_at(p)).unwrap_or_default();
+    let text = e.without_snippet().to_string();
+    let mut message = text.lines().next().unwrap_or_default();
+    if let Some(cut) = message.rfind(" at line ") {
+        message = &message[..cut]; // the position is printed once, beside the path
+    }
+    // With `${VAR}` expansion on, the YAML crate hides unknown key names in case they came
+    // from a secret; ours come from the file's own keys, which the index knows.
+    let key = path.rsplit(['.', '[']).next().unwrap_or_default();
+    let mut message = message.replace("an interpolated field", key);
+    if let Some(var) = message.strip_prefix("missing property ") {
+        let var = var.trim_matches('`').to_string();
+        message =
+            format!("environment variable {var} is not set (give a default: ${{{var}:-value}})");
+    }
+    Problem { path, pos, message }
+}
+
+struct Validator {
+    index: Index,
+    problems: Vec<Problem>,
+}
+
+// === impl Validator ===
+
+impl Validator {
+    fn problem(&mut self, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.to_string(),
+            pos: self.index.find(path),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, f: File) -> Config {
+        let admin = AdminConfig {
+            bind: self.addr(
+                "admin.bind",
+                f.admin.bind.as_deref().unwrap_or(defaults::ADMIN_BIND),
+            ),
+        };
+        let shutdown = ShutdownConfig {
+            drain_window: self.duration(
+                "shutdown.drain_window",
+                f.shutdown.drain_window,
+                defaults::DRAIN_WINDOW,
+                Duration::ZERO..=Duration::from_secs(600),
+            ),
+            grace_period: self.duration(
+                "shutdown.grace_period",
+                f.shutdown.grace_period,
+                defaults::GRACE_PERIOD,
+                Duration::ZERO..=Duration::from_secs(3600),
+            ),
+        };
+        let services: BTreeMap<_, _> = f
+            .services
+            .into_iter()
+            .map(|(name, s)| {
+                let path = join_key("services", &name);
+                if !valid_name(&name) {
+                    self.problem(&path, format!("service name {name:?} must be non-empty ASCII letters, digits, '.', '_' or '-'"));
+                }
+                let service = self.service(&path, s);
+                (name, service)
+            })
+            .collect();
+        let listeners: Vec<_> = f
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| self.listener(&format!("listeners[{i}]"), l, &services))
+            .collect();
+        self.unique_listeners(&admin, &listeners);
+        Config {
+            admin,
+            shutdown,
+            listeners,
+            services,
+        }
+    }
+
+    fn listener(
+        &mut self,
+        path: &str,
+        l: ListenerFile,
+        services: &BTreeMap<String, ServiceConfig>,
+    ) -> ListenerConfig {
+        if !valid_name(&l.name) {
+            self.problem(
+                &join_key(path, "name"),
+                format!(
+                    "listener name {:?} must be non-empty ASCII letters, digits, '.', '_' or '-'",
+                    l.name
+                ),
+            );
+        }
+        if !services.contains_key(&l.service) {
+            let known: Vec<_> = services.keys().map(String::as_str).collect();
+            self.problem(
+                &join_key(path, "service"),
+                format!(
+                    "unknown service {:?} (known: {})",
+                    l.service,
+                    known.join(", ")
+                ),
+            );
+        }
+        ListenerConfig {
+            bind: self.addr(&join_key(path, "bind"), &l.bind),
+            name: l.name,
+            protocol: l.protocol,
+            service: l.service,
+        }
+    }
+
+    /// Listener names must be unique, and no two sockets (admin included) may share a port.
+    fn unique_listeners(&mut self, admin: &AdminConfig, listeners: &[ListenerConfig]) {
+        let mut names = HashSet::new();
+        let mut binds: Vec<(String, SocketAddr)> = vec![("admin.bind".into(), admin.bind)];
+        for (i, l) in listeners.iter().enumerate() {
+            if !names.insert(l.name.as_str()) {
+                self.problem(
+                    &format!("listeners[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                );
+            }
+            let path = format!("listeners[{i}].bind");
+            if let Some((other, _)) = binds.iter().find(|(_, b)| clash(*b, l.bind)) {
+                let msg = format!("port {} is already used by {other}", l.bind.port());
+                self.problem(&path, msg);
+            }
+            binds.push((path, l.bind));
+        }
+    }
+
+    fn service(&mut self, path: &str, s: ServiceFile) -> ServiceConfig {
+        let discovery = match s.discovery {
+            DiscoveryKind::Static => {
+                let endpoints_path = join_key(path, "endpoints");
+                let Some(endpoints) = s.endpoints else {
+                    self.problem(
+                        path,
+                        "static discovery needs an `endpoints` list (it may be empty)",
+                    );
+                    return self.service_rest(
+                        path,
+                        DiscoveryConfig::Static { endpoints: vec![] },
+                        s.load_balancing,
+                        s.protocol,
+                        s.timeouts,
+                    );
+                };
+                DiscoveryConfig::Static {
+                    endpoints: self.endpoints(&endpoints_path, endpoints),
+                }
+            }
+        };
+        self.service_rest(path, discovery, s.load_balancing, s.protocol, s.timeouts)
+    }
+
+    fn service_rest(
+        &mut self,
+        path: &str,
+        discovery: DiscoveryConfig,
+        load_balancing: Policy,
+        protocol: UpstreamProtocol,
+        t: TimeoutsFile,
+    ) -> ServiceConfig {
+        let tp = join_key(path, "timeouts");
+        let ms = Duration::from_millis(1);
+        let hour = Duration::from_secs(3600);
+        let timeouts = Timeouts {
+            connect: self.duration(
+                &join_key(&tp, "connect"),
+                t.connect,
+                defaults::CONNECT,
+                ms..=Duration::from_secs(60),
+            ),
+            request: self.duration(
+                &join_key(&tp, "request"),
+                t.request,
+                defaults::REQUEST,
+                ms..=hour,
+            ),
+            idle: self.duration(&join_key(&tp, "idle"), t.idle, defaults::IDLE, ms..=hour),
+            tcp_idle: self.duration(
+                &join_key(&tp, "tcp_idle"),
+                t.tcp_idle,
+                defaults::TCP_IDLE,
+                Duration::from_secs(1)..=Duration::from_secs(86_400),
+            ),
+        };
+        ServiceConfig {
+            discovery,
+            load_balancing,
+            protocol,
+            timeouts,
+        }
+    }
+
+    fn endpoints(&mut self, path: &str, list: Vec<EndpointFile>) -> Vec<EndpointSpec> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(list.len());
+        for (i, e) in list.into_iter().enumerate() {
+            let ep = format!("{path}[{i}]");
+            let addr = self.addr(&join_key(&ep, "addr"), &e.addr);
+            if !seen.insert(addr) {
+                self.problem(&join_key(&ep, "addr"), format!("duplicate endpoint {addr}"));
+            }
+            let weight = self.weight(&join_key(&ep, "weight"), e.weight);
+            out.push(EndpointSpec {
+                addr,
+                weight,
+                tags: e.tags,
+            });
+        }
+        out
+    }
+
+    fn weight(&mut self, path: &str, w: Option<i64>) -> NonZeroU32 {
+        let w = w.unwrap_or(i64::from(defaults::WEIGHT));
+        match u32::try_from(w).ok().and_then(NonZeroU32::new) {
+            Some(n) if n.get() <= defaults::MAX_WEIGHT => n,
+            _ => {
+                let max = defaults::MAX_WEIGHT;
+                self.problem(path, format!("weight must be between 1 and {max}, got {w}"));
+                NonZeroU32::MIN
+            }
+        }
+    }
+
+    fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
+        text.trim().parse().unwrap_or_else(|_| {
+            self.problem(path, format!("{text:?} is not an IP:port address (e.g. 127.0.0.1:8080; host names are not resolved)"));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn duration(
+        &mut self,
+        path: &str,
+        text: Option<String>,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Duration {
+        let Some(text) = text else { return default };
+        let d = match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(
+                    path,
+                    format!("{text:?} is not a duration ({e}); use e.g. 250ms, 5s, 1m"),
+                );
+                return default;
+            }
+        };
+        if !range.contains(&d) {
+            let (lo, hi) = (
+                humantime::format_duration(*range.start()),
+                humantime::format_duration(*range.end()),
+            );
+            self.problem(path, format!("{text} is out of range ({lo} to {hi})"));
+        }
+        d
+    }
+}
+
+/// Two sockets clash when they share a non-zero port and their IPs overlap.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -1,0 +1,21 @@
+//! Outrider: a sidecar proxy that spreads an app's outbound calls over the instances of
+//! upstream services, with client-side load balancing.
+//!
+//! # Layout
+//! - [`config`]: YAML file → validated, typed `Config` (every error with path and line).
+//! - [`upstream`]: the live endpoint set of a service and the pickers that choose from it.
+//! - [`discovery`]: sources that hand a whole endpoint set to an `upstream::Balancer`.
+//! - [`proxy`]: listeners; HTTP (L7) and TCP (L4) forwarding; the upstream HTTP client.
+//! - [`admin`]: `/live`, `/ready`, `/config`, `/upstreams`, `POST /shutdown`.
+//! - [`app`]: wiring, hot reload, graceful shutdown.
+//!
+//! See ARCHITECTURE.md for the invariants that hold these together.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod proxy;
+pub mod upstream;
+pub mod watch;

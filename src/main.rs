@@ -1,0 +1,132 @@
+//! The `outrider` command: `run`, `check` and `demo`. Owns process concerns only — argument
+//! parsing, logging, signals, exit codes; everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outrider::app::App;
+use outrider::config::Config;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "outrider",
+    version,
+    about = "A sidecar proxy with client-side load balancing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The YAML config file; reloaded on SIGHUP and when it changes.
+        #[arg(long, short, env = "OUTRIDER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective config (exit 0 if valid, 1 if not).
+    Check {
+        /// The YAML config file.
+        file: PathBuf,
+    },
+    /// Run the embedded quickstart config with three demo instances behind it.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Check { file } => return check(&file),
+        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
+        Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("outrider: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(config) => {
+            let json = serde_json::to_string_pretty(&config.to_json()).unwrap_or_default();
+            println!("{json}");
+            eprintln!("{}: valid (hash {})", file.display(), config.hash());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let app = App::start(config, Some(path.clone())).await?;
+    outrider::watch::spawn(app.clone(), path).context("cannot watch the config file")?;
+    serve_until_signalled(app).await
+}
+
+async fn demo() -> anyhow::Result<()> {
+    let config = Config::parse(outrider::demo::QUICKSTART)?;
+    let instances = outrider::demo::start_instances(&config)
+        .await
+        .context("cannot start demo instances")?;
+    let app = App::start(config, None).await?;
+    let listener = app
+        .listener_addr("hello")
+        .await
+        .context("quickstart has no `hello` listener")?;
+    tracing::info!(?instances, "demo instances up");
+    eprintln!("\nTry:  for i in 1 2 3 4; do curl -s http://{listener}/; done");
+    eprintln!("      curl -s http://{}/upstreams\n", app.admin_addr());
+    serve_until_signalled(app).await
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+async fn serve_until_signalled(app: App) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut signals = 0;
+    loop {
+        tokio::select! {
+            () = app.finished() => return Ok(()),
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        signals += 1;
+        if signals > 1 {
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(130);
+        }
+        tracing::info!("signal received: graceful shutdown");
+        app.shutdown(true);
+    }
+}

@@ -1,0 +1,78 @@
+//! Errors the proxy answers itself, each knowing its HTTP status and its machine-readable
+//! reason (sent as `x-outrider-error`, so an app can tell *why* without reading our logs).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+
+pub const ERROR_HEADER: &str = "x-outrider-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+    #[error("connect to {0} failed: {1}")]
+    Connect(SocketAddr, String),
+    #[error("no response from {0} within {t}", t = humantime::format_duration(*.1))]
+    Timeout(SocketAddr, Duration),
+    #[error("upstream {0} failed before responding: {1}")]
+    Upstream(SocketAddr, String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+// === impl ProxyError ===
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(..) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `x-outrider-error` value.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NoEndpoints(_) => "no_endpoints",
+            ProxyError::Connect(..) => "connect_failed",
+            ProxyError::Timeout(..) => "upstream_timeout",
+            ProxyError::Upstream(..) => "upstream_reset",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// Whether the request provably never reached the upstream, so a retry cannot duplicate
+    /// it (the retry issue builds on this).
+    pub fn never_sent(&self) -> bool {
+        matches!(self, ProxyError::NoEndpoints(_) | ProxyError::Connect(..))
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        match self {
+            ProxyError::Connect(a, _) | ProxyError::Timeout(a, _) | ProxyError::Upstream(a, _) => {
+                Some(*a)
+            }
+            ProxyError::NoEndpoints(_) | ProxyError::BadRequest(_) => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = Bytes::from(format!("outrider: {self}\n"));
+        let mut resp = Response::new(ProxyBody::local(body));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

@@ -1,0 +1,243 @@
+//! L7 forwarding: one request in, one endpoint picked, one request out, the response
+//! streamed back. Plain `async fn`s a reader can step through.
+//!
+//! Owns: header hygiene (RFC 9110 hop-by-hop), URI rewriting, upgrades (WebSocket), and
+//! mapping upstream failures to [`ProxyError`]. Must not: buffer bodies, retry a request
+//! whose bytes may have reached an upstream, or panic on any input.
+
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::Upstream;
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use crate::config::UpstreamProtocol;
+use crate::upstream::InFlight;
+
+/// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
+pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone(); // shares the bytes: no allocation
+    match forward(up, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let endpoint = e.endpoint().map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(
+                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(),
+                elapsed_ms = started.elapsed().as_millis() as u64, "request failed: {e}"
+            );
+            e.into_response()
+        }
+    }
+}
+
+async fn forward(
+    up: &Upstream,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let in_flight = up
+        .balancer
+        .pick()
+        .ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
+    let addr = in_flight.addr();
+    let upgrade = wants_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let out = outbound(req, &in_flight, up.config.protocol, upgrade)?;
+    let timeout = up.config.timeouts.request;
+    let mut resp = match tokio::time::timeout(timeout, up.client.request(out)).await {
+        Err(_) => return Err(ProxyError::Timeout(addr, timeout)),
+        Ok(Err(e)) => return Err(classify(addr, &e)),
+        Ok(Ok(resp)) => resp,
+    };
+    if let Some(downstream) =
+        downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(tunnel(downstream, upstream, in_flight));
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+    Ok(resp.map(|body| ProxyBody::upstream(body, in_flight)))
+}
+
+/// Rewrites the app's request for the chosen endpoint.
+fn outbound(
+    req: Request<Incoming>,
+    endpoint: &InFlight,
+    protocol: UpstreamProtocol,
+    upgrade: bool,
+) -> Result<Request<Incoming>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 requests carry the host in the URI only; an HTTP/1.1 upstream needs a Host header.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.authority().clone());
+    uri.path_and_query = Some(path);
+    parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    Ok(Request::from_parts(parts, body))
+}
+
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes the headers that describe one connection rather than the message (RFC 9110
+/// §7.6.1): those named in `Connection`, and the fixed set below. `TE: trailers` is kept
+/// (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| connection_value_has(v, "trailers"));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+fn connection_value_has(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+fn classify(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let detail = error_chain(e);
+    if e.is_connect() {
+        ProxyError::Connect(addr, detail)
+    } else {
+        ProxyError::Upstream(addr, detail)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Splices an upgraded connection (e.g. WebSocket) to the upstream's, byte for byte.
+async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+) {
+    let addr = in_flight.addr();
+    match tokio::try_join!(downstream, upstream) {
+        Ok((d, u)) => {
+            let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(endpoint = %addr, "upgraded connection ended: {e}");
+            }
+        }
+        Err(e) => tracing::warn!(endpoint = %addr, "upgrade failed: {e}"),
+    }
+    drop(in_flight);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["te", "x-keep"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn keeps_upgrade_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+}

@@ -1,0 +1,181 @@
+//! Listeners and forwarding: what happens between the app's socket and an endpoint's.
+//!
+//! Owns: accept loops ([`Listener`]), per-connection HTTP serving (HTTP/1.1 and h2c on one
+//! port), the pooled upstream HTTP client, and the TCP splice. Must not: await discovery or
+//! config — a request reads one [`Upstream`] (one config generation) and keeps it to the end.
+
+pub mod body;
+pub mod error;
+pub mod http;
+pub mod tcp;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig, UpstreamProtocol};
+use crate::upstream::Balancer;
+
+pub type HttpClient = Client<HttpConnector, Incoming>;
+
+/// A service as one config generation sees it: settings, live endpoints, connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: ServiceConfig,
+    pub balancer: Arc<Balancer>,
+    pub client: HttpClient,
+}
+
+/// A bound listener's accept loop; its route is swapped on reload without rebinding.
+#[derive(Debug)]
+pub struct Listener {
+    pub config: ListenerConfig,
+    pub local_addr: SocketAddr,
+    pub route: Arc<ArcSwap<Upstream>>,
+    stop: CancellationToken,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// Builds the generation's view of a service, reusing `previous`'s connection pool when
+    /// the settings it depends on are unchanged (so reload does not drop connections).
+    pub fn new(
+        name: &str,
+        config: ServiceConfig,
+        balancer: Arc<Balancer>,
+        previous: Option<&Upstream>,
+    ) -> Upstream {
+        let client = match previous {
+            Some(p) if same_client(&p.config, &config) => p.client.clone(),
+            _ => client(&config),
+        };
+        Upstream {
+            name: name.into(),
+            config,
+            balancer,
+            client,
+        }
+    }
+}
+
+fn same_client(a: &ServiceConfig, b: &ServiceConfig) -> bool {
+    a.protocol == b.protocol
+        && a.timeouts.connect == b.timeouts.connect
+        && a.timeouts.idle == b.timeouts.idle
+}
+
+fn client(config: &ServiceConfig) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.timeouts.connect));
+    connector.enforce_http(true);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(config.timeouts.idle)
+        .http2_only(config.protocol == UpstreamProtocol::Http2);
+    builder.build(connector)
+}
+
+// === impl Listener ===
+
+impl Listener {
+    /// Starts accepting on an already bound socket. Connections run on `tracker`; cancelling
+    /// `parent` (or [`Listener::stop`]) stops accepting and drains them gracefully.
+    pub fn spawn(
+        socket: TcpListener,
+        config: ListenerConfig,
+        route: Arc<Upstream>,
+        tracker: &TaskTracker,
+        parent: &CancellationToken,
+    ) -> std::io::Result<Listener> {
+        let local_addr = socket.local_addr()?;
+        let route = Arc::new(ArcSwap::new(route));
+        let stop = parent.child_token();
+        tracker.spawn(accept_loop(
+            socket,
+            config.protocol,
+            route.clone(),
+            tracker.clone(),
+            stop.clone(),
+        ));
+        tracing::info!(listener = %config.name, addr = %local_addr, protocol = ?config.protocol, service = %config.service, "listening");
+        Ok(Listener {
+            config,
+            local_addr,
+            route,
+            stop,
+        })
+    }
+
+    /// Stops accepting; open connections finish their in-flight requests, then close.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    protocol: ListenerProtocol,
+    route: Arc<ArcSwap<Upstream>>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            r = socket.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning on the error.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match protocol {
+            ListenerProtocol::Http => {
+                tracker.spawn(serve_http(stream, route.clone(), stop.clone()))
+            }
+            ListenerProtocol::Tcp => tracker.spawn(tcp::handle(route.load_full(), stream)),
+        };
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 prior knowledge (h2c, as gRPC clients speak) on one connection.
+async fn serve_http(stream: TcpStream, route: Arc<ArcSwap<Upstream>>, stop: CancellationToken) {
+    let service = service_fn(move |req| {
+        let up = route.load_full();
+        async move { Ok::<_, Infallible>(http::handle(&up, req).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("connection ended: {e}");
+    }
+}

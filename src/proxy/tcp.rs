@@ -1,0 +1,178 @@
+//! L4 forwarding: one endpoint per accepted connection, bytes copied both ways.
+//!
+//! Owns: connect timeout, idle timeout (no bytes either way), and half-close (EOF one way
+//! shuts down the write side of the other, so request/response protocols still finish).
+//! Must not: read or alter the bytes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::Upstream;
+
+/// Proxies one accepted connection to the chosen endpoint until both sides close.
+pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
+    let Some(in_flight) = up.balancer.pick() else {
+        tracing::warn!(service = %up.name, reason = "no_endpoints", "tcp connection refused: no endpoints");
+        return;
+    };
+    let addr = in_flight.addr();
+    let timeouts = &up.config.timeouts;
+    let mut outbound = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_failed", "tcp connect failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_timeout", "tcp connect timed out");
+            return;
+        }
+    };
+    let _ = outbound.set_nodelay(true);
+    match copy_until_idle(&mut inbound, &mut outbound, timeouts.tcp_idle).await {
+        Ok(Some((up_bytes, down_bytes))) => {
+            tracing::debug!(service = %up.name, endpoint = %addr, up_bytes, down_bytes, "tcp connection closed")
+        }
+        Ok(None) => {
+            tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection idle: closed")
+        }
+        Err(e) => {
+            tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection ended: {e}")
+        }
+    }
+}
+
+/// Copies both ways with half-close; `Ok(None)` when no byte moved for `idle`.
+pub async fn copy_until_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+) -> std::io::Result<Option<(u64, u64)>>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let clock = Activity::new();
+    let mut a = Watched {
+        inner: a,
+        clock: &clock,
+    };
+    let mut b = Watched {
+        inner: b,
+        clock: &clock,
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => r.map(Some),
+        () = clock.idle_for(idle) => Ok(None),
+    }
+}
+
+/// Time of the last byte moved, in milliseconds since `base`.
+struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            if Instant::now() >= last + idle {
+                return;
+            }
+            tokio::time::sleep_until(last + idle).await;
+        }
+    }
+}
+
+/// A stream that records activity on every read or write that moves bytes.
+struct Watched<'a, S> {
+    inner: &'a mut S,
+    clock: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.clock.touch();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut *self.inner).poll_write(cx, data);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connection_is_closed_after_the_idle_timeout() {
+        let (mut app, mut a) = duplex(64);
+        let (mut b, mut server) = duplex(64);
+        let copy =
+            tokio::spawn(
+                async move { copy_until_idle(&mut a, &mut b, Duration::from_secs(10)).await },
+            );
+        app.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!copy.is_finished(), "closed before the idle timeout");
+        server.write_all(b"pong").await.unwrap(); // activity resets the clock
+        app.read_exact(&mut buf).await.unwrap();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        tokio::task::yield_now().await;
+        assert!(!copy.is_finished(), "activity did not reset the idle clock");
+        let result = copy.await.unwrap().unwrap();
+        assert_eq!(result, None, "expected an idle close");
+    }
+}

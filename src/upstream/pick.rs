@@ -1,0 +1,230 @@
+//! Pickers: choose one endpoint of a snapshot, synchronously and without locks.
+//!
+//! Owns: the per-policy state precomputed when a snapshot is built (the smooth weighted
+//! round-robin schedule), and the pick itself. Must not: await, lock, or allocate per pick.
+//! A new policy is a new variant here plus a `build` arm; callers do not change.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::Endpoint;
+use crate::config::Policy;
+
+/// Above this many `weight × endpoints` steps the exact smooth schedule is too costly to build
+/// on each update; a golden-ratio stride over the weight line is used instead (same exact
+/// shares per period, well spread, O(log n) per pick).
+const SCHEDULE_BUDGET: u64 = 4_000_000;
+
+/// At or below this many endpoints least-request scans them all instead of sampling two.
+const SCAN_ALL: usize = 8;
+
+#[derive(Debug)]
+pub(crate) enum Picker {
+    /// Equal weights: plain round-robin in endpoint order.
+    RoundRobin,
+    /// nginx's smooth weighted round-robin, unrolled into one period of endpoint indices.
+    Schedule(Box<[u32]>),
+    /// Point `(n × step) mod total` on the line of cumulative weights.
+    Stride {
+        cumulative: Box<[u64]>,
+        step: u64,
+    },
+    LeastRequest,
+}
+
+// === impl Picker ===
+
+impl Picker {
+    pub(crate) fn build(policy: Policy, endpoints: &[Endpoint]) -> Picker {
+        match policy {
+            Policy::LeastRequest => Picker::LeastRequest,
+            Policy::WeightedRoundRobin => weighted(endpoints),
+        }
+    }
+
+    /// Index of the chosen endpoint; `None` only when `endpoints` is empty.
+    pub(crate) fn pick(&self, endpoints: &[Endpoint], counter: &AtomicUsize) -> Option<usize> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let tick = || counter.fetch_add(1, Ordering::Relaxed);
+        Some(match self {
+            Picker::RoundRobin => tick() % n,
+            Picker::Schedule(s) => s[tick() % s.len()] as usize,
+            Picker::Stride { cumulative, step } => {
+                let total = cumulative[n - 1];
+                let point = (tick() as u64 % total) * step % total;
+                cumulative.partition_point(|&c| c <= point)
+            }
+            Picker::LeastRequest => least_request(endpoints),
+        })
+    }
+}
+
+fn weighted(endpoints: &[Endpoint]) -> Picker {
+    let g = endpoints.iter().fold(0, |g, e| gcd(g, u64::from(e.weight)));
+    if endpoints.iter().all(|e| u64::from(e.weight) == g) {
+        return Picker::RoundRobin;
+    }
+    let weights: Vec<u64> = endpoints.iter().map(|e| u64::from(e.weight) / g).collect();
+    let total: u64 = weights.iter().sum();
+    if total.saturating_mul(weights.len() as u64) <= SCHEDULE_BUDGET {
+        return Picker::Schedule(smooth_schedule(&weights, total));
+    }
+    let cumulative = weights
+        .iter()
+        .scan(0, |acc, w| {
+            *acc += w;
+            Some(*acc)
+        })
+        .collect();
+    Picker::Stride {
+        cumulative,
+        step: golden_step(total),
+    }
+}
+
+/// One period of nginx's smooth weighted round-robin: each step adds every weight to its
+/// endpoint's credit, picks the highest credit (first on ties) and charges it the total.
+fn smooth_schedule(weights: &[u64], total: u64) -> Box<[u32]> {
+    let mut credit = vec![0i64; weights.len()];
+    (0..total)
+        .map(|_| {
+            let mut best = 0;
+            for (i, w) in weights.iter().enumerate() {
+                credit[i] += *w as i64;
+                if credit[i] > credit[best] {
+                    best = i;
+                }
+            }
+            credit[best] -= total as i64;
+            best as u32
+        })
+        .collect()
+}
+
+/// A step near `total / φ` that is coprime with `total`, so `n × step mod total` visits every
+/// point once per period while consecutive points land far apart.
+fn golden_step(total: u64) -> u64 {
+    let mut step = ((total as f64) * 0.618_033_988_75) as u64;
+    step = step.max(1);
+    while gcd(step, total) != 1 {
+        step += 1;
+    }
+    step
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Least in-flight per unit of weight: all endpoints when there are few (from a random
+/// start, so ties spread), otherwise the better of two random choices.
+fn least_request(endpoints: &[Endpoint]) -> usize {
+    let n = endpoints.len();
+    if n <= SCAN_ALL {
+        let start = fastrand::usize(..n);
+        return (0..n)
+            .map(|k| (start + k) % n)
+            .reduce(|best, i| {
+                if lighter(&endpoints[i], &endpoints[best]) {
+                    i
+                } else {
+                    best
+                }
+            })
+            .unwrap_or(0);
+    }
+    let a = fastrand::usize(..n);
+    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+    if lighter(&endpoints[b], &endpoints[a]) {
+        b
+    } else {
+        a
+    }
+}
+
+/// `(in_flight_a + 1) / weight_a < (in_flight_b + 1) / weight_b`, without division.
+fn lighter(a: &Endpoint, b: &Endpoint) -> bool {
+    let load = |e: &Endpoint| e.state.in_flight() as u64 + 1;
+    load(a) * u64::from(b.weight) < load(b) * u64::from(a.weight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::tests::endpoints;
+
+    fn sequence(picker: &Picker, eps: &[Endpoint], n: usize) -> Vec<usize> {
+        let counter = AtomicUsize::new(0);
+        (0..n)
+            .map(|_| picker.pick(eps, &counter).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn smooth_wrr_interleaves_heavy_endpoint() {
+        let eps = endpoints(&[5, 1, 1]);
+        let picker = Picker::build(Policy::WeightedRoundRobin, &eps);
+        assert_eq!(sequence(&picker, &eps, 7), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn equal_weights_are_plain_round_robin() {
+        let eps = endpoints(&[3, 3, 3]);
+        let picker = Picker::build(Policy::WeightedRoundRobin, &eps);
+        assert!(matches!(picker, Picker::RoundRobin));
+        assert_eq!(sequence(&picker, &eps, 6), vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn stride_gives_exact_shares_for_large_weight_sums() {
+        let mut weights = vec![1000u32; 4000];
+        weights[0] = 60_000;
+        weights[1] = 1;
+        let eps = endpoints(&weights);
+        let picker = Picker::build(Policy::WeightedRoundRobin, &eps);
+        let Picker::Stride { cumulative, .. } = &picker else {
+            panic!("expected stride")
+        };
+        let total = cumulative[cumulative.len() - 1] as usize;
+        let mut counts = vec![0usize; eps.len()];
+        for i in sequence(&picker, &eps, total) {
+            counts[i] += 1;
+        }
+        assert_eq!(counts[0], 60_000);
+        assert_eq!(counts[1], 1);
+        assert!(counts[2..].iter().all(|&c| c == 1000));
+    }
+
+    #[test]
+    fn least_request_avoids_busy_endpoints() {
+        let eps = endpoints(&[1, 1, 1]);
+        let _busy = [eps[0].state.begin(), eps[0].state.begin()];
+        let _one = eps[1].state.begin();
+        let picker = Picker::build(Policy::LeastRequest, &eps);
+        let counter = AtomicUsize::new(0);
+        for _ in 0..100 {
+            assert_eq!(picker.pick(&eps, &counter), Some(2));
+        }
+    }
+
+    #[test]
+    fn least_request_weighs_in_flight_by_weight() {
+        // 3 in flight on weight 4 costs (3+1)/4 = 1; 0 in flight on weight 1 costs 1/1: a tie,
+        // but one more on the heavy endpoint must tip to the light one.
+        let eps = endpoints(&[4, 1]);
+        let _held: Vec<_> = (0..4).map(|_| eps[0].state.begin()).collect();
+        assert!(lighter(&eps[1], &eps[0]));
+    }
+
+    #[test]
+    fn p2c_never_picks_the_same_index_twice_for_a_pair() {
+        let eps = endpoints(&[1; 20]);
+        let _busy: Vec<_> = (0..19).map(|i| eps[i].state.begin()).collect();
+        // Only endpoint 19 is idle; P2C picks it whenever it is sampled, and picks are valid.
+        let picks: Vec<_> = (0..2000).map(|_| least_request(&eps)).collect();
+        assert!(picks.iter().all(|&i| i < 20));
+        assert!(picks.iter().filter(|&&i| i == 19).count() > 100);
+    }
+}
