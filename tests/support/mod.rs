@@ -1,0 +1,229 @@
+//! Shared test helpers: real HTTP backends on 127.0.0.1:0, real clients, and an in-process
+//! Outrider started from YAML text.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use outrider::app::App;
+use outrider::config::Config;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+pub type TestBody = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Bounds every await in tests: a hang fails the test instead of stalling CI.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+pub async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test step timed out")
+}
+
+/// A real HTTP/1.1 + h2c server on a loopback port the OS picked.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub async fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = socket.accept().await {
+                let (handler, counter) = (handler.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, hits }
+    }
+
+    /// Answers every request with its name in the body.
+    pub async fn named(name: &'static str) -> Backend {
+        Backend::start(move |_req| async move { text(200, name) }).await
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub fn text(status: u16, body: &'static str) -> Response<TestBody> {
+    let mut resp = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    resp
+}
+
+pub fn full(bytes: Bytes) -> TestBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+/// A loopback port that nothing listens on (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+pub async fn start_app(yaml: &str) -> App {
+    let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
+    App::start(config, None).await.expect("app starts")
+}
+
+pub async fn start_app_with_file(path: &std::path::Path) -> App {
+    let config = Config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    App::start(config, Some(path.to_path_buf()))
+        .await
+        .expect("app starts")
+}
+
+/// YAML for one listener `front` on port 0 in front of service `svc`.
+pub fn one_service(protocol: &str, extra: &str, endpoints: &[(SocketAddr, u32)]) -> String {
+    let mut yaml = format!(
+        "admin:\n  bind: 127.0.0.1:0\nshutdown:\n  drain_window: 0s\n  grace_period: 5s\n\
+         listeners:\n  - name: front\n    bind: 127.0.0.1:0\n    protocol: {protocol}\n    service: svc\n\
+         services:\n  svc:\n{extra}    endpoints:\n"
+    );
+    if endpoints.is_empty() {
+        yaml.push_str("      []\n");
+    }
+    for (addr, weight) in endpoints {
+        yaml.push_str(&format!("      - addr: {addr}\n        weight: {weight}\n"));
+    }
+    yaml
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+pub async fn get(
+    client: &Client<HttpConnector, TestBody>,
+    url: &str,
+) -> (u16, http::HeaderMap, String) {
+    let req = Request::get(url).body(empty()).unwrap();
+    let resp = within(client.request(req)).await.expect("request succeeds");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = within(resp.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A body of `total` deterministic bytes, produced in chunks (never held whole in memory).
+pub struct Pattern {
+    pub remaining: usize,
+    pub offset: usize,
+}
+
+pub const CHUNK: usize = 64 * 1024;
+
+impl Pattern {
+    pub fn chunk(offset: usize, len: usize) -> Bytes {
+        (0..len)
+            .map(|i| ((offset + i) % 251) as u8)
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    /// sha256 of the first `total` bytes of the pattern.
+    pub fn digest(total: usize) -> Vec<u8> {
+        let mut h = Sha256::new();
+        let mut offset = 0;
+        while offset < total {
+            let n = CHUNK.min(total - offset);
+            h.update(Pattern::chunk(offset, n));
+            offset += n;
+        }
+        h.finalize().to_vec()
+    }
+}
+
+impl Body for Pattern {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = CHUNK.min(self.remaining);
+        let chunk = Pattern::chunk(self.offset, n);
+        self.remaining -= n;
+        self.offset += n;
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+}
+
+/// Hashes a body frame by frame; returns (digest, trailers).
+pub async fn hash_body<B>(mut body: B) -> (Vec<u8>, Option<http::HeaderMap>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut h = Sha256::new();
+    let mut trailers = None;
+    while let Some(frame) = within(body.frame()).await {
+        let frame = frame.expect("body frame");
+        match frame.into_data() {
+            Ok(data) => h.update(&data),
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    (h.finalize().to_vec(), trailers)
+}
