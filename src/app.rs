@@ -285,7 +285,7 @@ impl App {
         if config.admin != current.config.admin {
             tracing::warn!("admin.bind changed: takes effect only after a restart");
         }
-        let (fresh, rebinds) = plan_listeners(&listeners, &config.listeners)?;
+        let plan = plan_listeners(&listeners, &config.listeners)?;
         let upstreams = {
             let mut discoveries = self.inner.discoveries.lock().await;
             build_upstreams(&config, Some(&current), &mut discoveries)
@@ -299,7 +299,7 @@ impl App {
             upstreams: upstreams.clone(),
             loaded_at: SystemTime::now(),
         }));
-        self.swap_listeners(&mut listeners, &config, &upstreams, fresh, rebinds)
+        self.swap_listeners(&mut listeners, &config, &upstreams, plan)
             .await;
         self.inner.status.send_modify(|s| {
             s.generation = generation;
@@ -314,8 +314,7 @@ impl App {
         listeners: &mut Vec<Listener>,
         config: &Config,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
-        fresh: Vec<(ListenerConfig, TcpListener)>,
-        rebinds: Vec<ListenerConfig>,
+        plan: ListenerPlan,
     ) {
         let (tracker, stop) = (&self.inner.tracker, &self.inner.stop_accepting);
         let mut next = Vec::new();
@@ -333,7 +332,7 @@ impl App {
                 None => old.stop(),
             }
         }
-        for l in rebinds {
+        for l in plan.rebinds {
             match rebind(l.bind).await.and_then(|s| {
                 Listener::spawn(s, l.clone(), upstreams[&l.service].clone(), tracker, stop)
             }) {
@@ -343,7 +342,7 @@ impl App {
                 }
             }
         }
-        for (l, socket) in fresh {
+        for (l, socket) in plan.fresh {
             match Listener::spawn(
                 socket,
                 l.clone(),
@@ -365,7 +364,7 @@ impl App {
 fn plan_listeners(
     current: &[Listener],
     wanted: &[ListenerConfig],
-) -> Result<(Vec<(ListenerConfig, TcpListener)>, Vec<ListenerConfig>), AppError> {
+) -> Result<ListenerPlan, AppError> {
     let mut fresh = Vec::new();
     let mut rebinds = Vec::new();
     for l in wanted {
@@ -375,7 +374,13 @@ fn plan_listeners(
             None => fresh.push((l.clone(), bind(&l.name, l.bind)?)),
         }
     }
-    Ok((fresh, rebinds))
+    Ok(ListenerPlan { fresh, rebinds })
+}
+
+/// Sockets bound ahead of a reload, and listeners to rebind once their old socket closes.
+struct ListenerPlan {
+    fresh: Vec<(ListenerConfig, TcpListener)>,
+    rebinds: Vec<ListenerConfig>,
 }
 
 /// Builds each service's generation view, reusing balancers (endpoint state), connection

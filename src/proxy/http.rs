@@ -76,14 +76,13 @@ fn outbound(
 ) -> Result<Request<Incoming>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     // HTTP/2 requests carry the host in the URI only; an HTTP/1.1 upstream needs a Host header.
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(host) = parts
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(host) = parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, host);
-        }
+    {
+        parts.headers.insert(header::HOST, host);
     }
     let path = parts
         .uri

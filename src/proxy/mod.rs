@@ -157,6 +157,12 @@ async fn accept_loop(
             ListenerProtocol::Tcp => tracker.spawn(tcp::handle(route.load_full(), stream)),
         };
     }
+    let addr = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    drop(socket);
+    tracing::info!(%addr, "listener closed: new connections are refused");
 }
 
 /// Serves HTTP/1.1 and HTTP/2 prior knowledge (h2c, as gRPC clients speak) on one connection.

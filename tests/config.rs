@@ -1,0 +1,233 @@
+//! Config: shipped files stay valid; each class of mistake names its YAML path and line;
+//! `outrider check` exit codes.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use outrider::config::{Config, ConfigError, Problem};
+
+fn problems(yaml: &str) -> Vec<Problem> {
+    match Config::parse_with_env(yaml, HashMap::new()) {
+        Ok(_) => panic!("config unexpectedly valid:\n{yaml}"),
+        Err(ConfigError::Invalid(p)) => p,
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Asserts one problem at `path` on `line` whose message contains `needle`.
+fn assert_problem(all: &[Problem], path: &str, line: usize, needle: &str) {
+    let found = all
+        .iter()
+        .find(|p| p.path == path)
+        .unwrap_or_else(|| panic!("no problem at {path}: {all:#?}"));
+    assert_eq!(found.pos.map(|p| p.line), Some(line), "{found}");
+    assert!(found.message.contains(needle), "{found}");
+}
+
+#[test]
+fn every_shipped_config_file_is_valid() {
+    // config/*.yaml, and the Outrider configs (outrider*.yaml) that deploy/ and k8s/ ship.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = Vec::new();
+    for dir in ["config", "deploy", "k8s"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let ours = dir == "config" || name.starts_with("outrider");
+            if ours && name.ends_with(".yaml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                checked.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    for expected in [
+        "config/reference.yaml",
+        "config/quickstart.yaml",
+        "k8s/outrider.yaml",
+    ] {
+        assert!(
+            checked.iter().any(|c| c == expected),
+            "{expected} not checked: {checked:?}"
+        );
+    }
+}
+
+#[test]
+fn embedded_quickstart_matches_the_shipped_file() {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/quickstart.yaml"
+    ))
+    .unwrap();
+    assert_eq!(outrider::demo::QUICKSTART, shipped);
+}
+
+const BASE: &str = "\
+listeners:
+  - name: front
+    bind: 127.0.0.1:7001
+    service: payments
+services:
+  payments:
+    endpoints:
+      - addr: 127.0.0.1:8080
+";
+
+#[test]
+fn semantic_mistakes_are_all_reported_with_path_and_line() {
+    let yaml = "\
+admin:
+  bind: 127.0.0.1:7001
+shutdown:
+  drain_window: soon
+listeners:
+  - name: front
+    bind: 127.0.0.1:7001
+    service: payments
+  - name: front
+    bind: 127.0.0.1:7002
+    service: billing
+services:
+  payments:
+    endpoints:
+      - addr: 127.0.0.1:8080
+        weight: 0
+      - addr: not-an-address
+      - addr: 127.0.0.1:8080
+    timeouts:
+      request: 2h
+";
+    let all = problems(yaml);
+    assert_problem(&all, "shutdown.drain_window", 4, "not a duration");
+    assert_problem(
+        &all,
+        "listeners[0].bind",
+        7,
+        "port 7001 is already used by admin.bind",
+    );
+    assert_problem(&all, "listeners[1].name", 9, "duplicate listener name");
+    assert_problem(
+        &all,
+        "listeners[1].service",
+        11,
+        "unknown service \"billing\"",
+    );
+    assert_problem(
+        &all,
+        "services.payments.endpoints[0].weight",
+        16,
+        "between 1 and 65535, got 0",
+    );
+    assert_problem(
+        &all,
+        "services.payments.endpoints[1].addr",
+        17,
+        "not an IP:port",
+    );
+    assert_problem(
+        &all,
+        "services.payments.endpoints[2].addr",
+        18,
+        "duplicate endpoint",
+    );
+    assert_problem(
+        &all,
+        "services.payments.timeouts.request",
+        20,
+        "out of range",
+    );
+    assert_eq!(all.len(), 8, "{all:#?}");
+}
+
+#[test]
+fn unknown_field_names_its_path_and_line() {
+    let yaml = BASE.replace(
+        "    service: payments\n",
+        "    service: payments\n    colour: blue\n",
+    );
+    let all = problems(&yaml);
+    assert_problem(&all, "listeners[0].colour", 5, "unknown field `colour`");
+}
+
+#[test]
+fn wrong_enum_value_names_its_path_and_line() {
+    let yaml = format!("{BASE}    load_balancing: random\n");
+    let all = problems(&yaml);
+    assert_problem(&all, "services.payments.load_balancing", 9, "random");
+}
+
+#[test]
+fn wrong_type_names_its_path_and_line() {
+    let yaml = BASE.replace(
+        "      - addr: 127.0.0.1:8080\n",
+        "      - addr: 127.0.0.1:8080\n        weight: heavy\n",
+    );
+    let all = problems(&yaml);
+    assert_problem(&all, "services.payments.endpoints[0].weight", 9, "");
+}
+
+#[test]
+fn yaml_syntax_error_names_its_line() {
+    let all = problems("services:\n  payments: [unclosed\n");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].pos.map(|p| p.line), Some(2), "{}", all[0]);
+}
+
+#[test]
+fn environment_variables_expand_with_defaults() {
+    let yaml = BASE.replace("127.0.0.1:7001", "${BIND_IP:-127.0.0.1}:${PORT}");
+    let env = HashMap::from([("PORT".to_string(), "7100".to_string())]);
+    let config = Config::parse_with_env(&yaml, env).unwrap();
+    assert_eq!(config.listeners[0].bind.to_string(), "127.0.0.1:7100");
+    let all = problems(&yaml);
+    assert_problem(&all, "listeners[0].bind", 3, "PORT is not set");
+}
+
+#[test]
+fn hash_ignores_comments_and_formatting() {
+    let a = Config::parse_with_env(BASE, HashMap::new()).unwrap();
+    let b = Config::parse_with_env(&format!("# a comment\n{BASE}\n\n"), HashMap::new()).unwrap();
+    assert_eq!(a.hash(), b.hash());
+    let c = Config::parse_with_env(&BASE.replace("8080", "8081"), HashMap::new()).unwrap();
+    assert_ne!(a.hash(), c.hash());
+}
+
+#[test]
+fn check_command_exit_codes() {
+    let bin = env!("CARGO_BIN_EXE_outrider");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, BASE).unwrap();
+    let out = Command::new(bin).arg("check").arg(&good).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("effective config is JSON");
+    assert_eq!(
+        effective["services"]["payments"]["timeouts"]["connect"],
+        "1s"
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, BASE.replace("8080", "99999")).unwrap();
+    let out = Command::new(bin).arg("check").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("services.payments.endpoints[0].addr (line 8"),
+        "{stderr}"
+    );
+
+    let out = Command::new(bin)
+        .arg("check")
+        .arg(dir.path().join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = Command::new(bin).arg("check").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2 (clap)");
+}

@@ -1,0 +1,167 @@
+//! Readiness, admin pages and graceful shutdown: in process, and on the real binary.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use support::*;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+#[tokio::test]
+async fn admin_pages_describe_the_running_config() {
+    let a = Backend::named("a").await;
+    let app = start_app(&one_service("http", "", &[(a.addr, 3)])).await;
+    let admin = app.admin_addr();
+    let client = client();
+    assert_eq!(get(&client, &format!("http://{admin}/live")).await.0, 200);
+    let (status, _, body) = get(&client, &format!("http://{admin}/ready")).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, _, body) = get(&client, &format!("http://{admin}/config")).await;
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["generation"], 1);
+    assert_eq!(config["hash"].as_str().unwrap().len(), 16);
+    assert!(
+        config["listeners"]["front"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let (_, _, body) = get(&client, &format!("http://{admin}/upstreams")).await;
+    let up: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let endpoint = &up["services"]["svc"]["endpoints"][0];
+    assert_eq!(endpoint["addr"], a.addr.to_string());
+    assert_eq!(endpoint["weight"], 3);
+    assert_eq!(endpoint["in_flight"], 0);
+    assert_eq!(get(&client, &format!("http://{admin}/nope")).await.0, 404);
+}
+
+#[tokio::test]
+async fn post_shutdown_stops_the_proxy() {
+    let a = Backend::named("a").await;
+    let app = start_app(&one_service("http", "", &[(a.addr, 1)])).await;
+    let req = http::Request::post(format!("http://{}/shutdown", app.admin_addr()))
+        .body(empty())
+        .unwrap();
+    let resp = within(client().request(req)).await.unwrap();
+    assert_eq!(resp.status(), 202);
+    within(app.finished()).await;
+    assert!(app.readiness().is_err());
+}
+
+/// Forwards the child's log lines, so a test can await a logged event.
+fn log_lines(stderr: std::process::ChildStderr) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn free_port() -> u16 {
+    closed_port().port()
+}
+
+/// Awaits a log line containing `needle`.
+async fn wait_for_log(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) {
+    within(async {
+        while let Some(line) = log.recv().await {
+            if line.contains(needle) {
+                return;
+            }
+        }
+        panic!("outrider exited before logging {needle:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_refuses_then_exits_zero() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let held = gate.clone();
+    let slow = Backend::start(move |req: http::Request<hyper::body::Incoming>| {
+        let (held, arrived_tx) = (held.clone(), arrived_tx.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                let _ = arrived_tx.send(());
+                let _permit = held.acquire().await;
+            }
+            text(200, "done")
+        }
+    })
+    .await;
+    let (admin, front) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let yaml = format!(
+        "admin:\n  bind: {admin}\nshutdown:\n  drain_window: 2s\n  grace_period: 20s\n\
+         listeners:\n  - name: front\n    bind: {front}\n    service: svc\n\
+         services:\n  svc:\n    endpoints:\n      - addr: {}\n",
+        slow.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outrider.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outrider"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap();
+    let mut log = log_lines(child.stderr.take().unwrap());
+    wait_for_log(&mut log, "outrider started").await;
+    let client = client();
+    assert_eq!(get(&client, &format!("http://{admin}/ready")).await.0, 200);
+
+    let in_flight = {
+        let (client, url) = (client.clone(), format!("http://{front}/slow"));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    within(arrived.recv()).await.unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+
+    // Draining: not ready, but new connections are still proxied.
+    wait_for_log(&mut log, "shutdown: not ready").await;
+    assert_eq!(get(&client, &format!("http://{admin}/ready")).await.0, 503);
+    let fresh = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<TestBody>();
+    assert_eq!(
+        get(&fresh, &format!("http://{front}/")).await.0,
+        200,
+        "proxying during the drain window"
+    );
+
+    // After the drain window the listener is closed: connections are refused.
+    wait_for_log(&mut log, "listener closed").await;
+    assert!(
+        TcpStream::connect(&front).await.is_err(),
+        "connection accepted after the drain window"
+    );
+
+    // The request that was in flight all along still completes.
+    gate.add_permits(1);
+    let (status, _, body) = within(in_flight).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "done"));
+    let exit = within(tokio::task::spawn_blocking(move || child.wait().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
