@@ -5,6 +5,8 @@
 //! be awaited by the request path — requests only ever read the balancer's snapshot.
 //! The etcd source plugs in as another `DiscoveryConfig` variant with a task of its own.
 
+pub mod decode;
+
 use std::sync::Arc;
 
 use crate::config::DiscoveryConfig;
