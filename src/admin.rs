@@ -50,7 +50,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => ready(app),
         (&Method::GET, "/config") => config(app).await,
-        (&Method::GET, "/upstreams") => upstreams(app),
+        (&Method::GET, "/upstreams") => upstreams(app).await,
         (&Method::POST, "/shutdown") => {
             tracing::info!("shutdown requested through the admin API");
             app.shutdown(false);
@@ -92,8 +92,9 @@ async fn config(app: &App) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &body)
 }
 
-fn upstreams(app: &App) -> Response<Full<Bytes>> {
+async fn upstreams(app: &App) -> Response<Full<Bytes>> {
     let runtime = app.runtime();
+    let mut watches = app.discovery_status().await;
     let services: serde_json::Map<_, _> = runtime
         .upstreams
         .iter()
@@ -103,6 +104,7 @@ fn upstreams(app: &App) -> Response<Full<Bytes>> {
                 "protocol": up.config.protocol,
                 "discovery": discovery_name(&up.config.discovery),
                 "synced": up.balancer.snapshot().synced,
+                "watch": watches.remove(name),
                 "endpoints": up.balancer.describe(),
             });
             (name.clone(), view)
@@ -117,6 +119,7 @@ fn upstreams(app: &App) -> Response<Full<Bytes>> {
 fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {
     match d {
         crate::config::DiscoveryConfig::Static { .. } => "static",
+        crate::config::DiscoveryConfig::Etcd { .. } => "etcd",
     }
 }
 

@@ -198,6 +198,15 @@ impl App {
         }
     }
 
+    /// Live discovery state per service (etcd revision, watch state), for `/upstreams`.
+    pub async fn discovery_status(&self) -> BTreeMap<String, serde_json::Value> {
+        let discoveries = self.inner.discoveries.lock().await;
+        discoveries
+            .iter()
+            .filter_map(|(name, d)| Some((name.clone(), d.etcd.as_ref()?.to_json())))
+            .collect()
+    }
+
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Relaxed)
     }
@@ -392,6 +401,7 @@ fn build_upstreams(
 ) -> BTreeMap<String, Arc<Upstream>> {
     let mut next = HashMap::new();
     let mut upstreams = BTreeMap::new();
+    let etcd = config.etcd.as_ref();
     for (name, svc) in &config.services {
         let prev = previous.and_then(|r| r.upstreams.get(name));
         let balancer = prev.map_or_else(
@@ -400,8 +410,8 @@ fn build_upstreams(
         );
         balancer.set_policy(svc.load_balancing);
         let discovery = match discoveries.remove(name) {
-            Some(d) => d.reconfigure(name, &svc.discovery, &balancer),
-            None => Discovery::start(name, &svc.discovery, &balancer),
+            Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, &balancer),
+            None => Discovery::start(name, &svc.discovery, etcd, svc.protocol, &balancer),
         };
         next.insert(name.clone(), discovery);
         let upstream = Upstream::new(name, svc.clone(), balancer, prev.map(|p| &**p));

@@ -22,7 +22,9 @@ pub const QUICKSTART: &str = include_str!("../config/quickstart.yaml");
 pub async fn start_instances(config: &Config) -> std::io::Result<Vec<SocketAddr>> {
     let mut addrs = Vec::new();
     for svc in config.services.values() {
-        let DiscoveryConfig::Static { endpoints } = &svc.discovery;
+        let DiscoveryConfig::Static { endpoints } = &svc.discovery else {
+            continue;
+        };
         for e in endpoints {
             let socket = TcpListener::bind(e.addr).await?;
             tokio::spawn(instance(socket, e.addr));

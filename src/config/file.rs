@@ -21,6 +21,36 @@ pub struct File {
     pub listeners: Vec<ListenerFile>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceFile>,
+    pub etcd: Option<EtcdFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: Option<EtcdTlsFile>,
+    pub dial_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub snapshot_dir: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsFile {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEtcdFile {
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +83,7 @@ pub struct ServiceFile {
     pub discovery: DiscoveryKind,
     #[serde(default)]
     pub endpoints: Option<Vec<EndpointFile>>,
+    pub etcd: Option<ServiceEtcdFile>,
     #[serde(default)]
     pub load_balancing: Policy,
     #[serde(default)]
@@ -61,13 +92,13 @@ pub struct ServiceFile {
     pub timeouts: TimeoutsFile,
 }
 
-/// Which discovery source feeds a service. Only `static` exists so far; the etcd source
-/// plugs in here.
+/// Which discovery source feeds a service.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiscoveryKind {
     #[default]
     Static,
+    Etcd,
 }
 
 #[derive(Debug, Deserialize)]

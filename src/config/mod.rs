@@ -28,6 +28,39 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub listeners: Vec<ListenerConfig>,
     pub services: BTreeMap<String, ServiceConfig>,
+    /// The etcd cluster that `discovery: etcd` services read; required when any does.
+    pub etcd: Option<EtcdConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EtcdConfig {
+    /// URLs such as `http://10.0.0.5:2379` (https when `tls` is set).
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    #[serde(serialize_with = "redacted")]
+    pub password: Option<String>,
+    pub tls: Option<EtcdTls>,
+    #[serde(with = "human")]
+    pub dial_timeout: Duration,
+    #[serde(with = "human")]
+    pub request_timeout: Duration,
+    /// Where the last-known-good endpoint set of each service is kept, so Outrider can start
+    /// and serve while etcd is down. `None`: no snapshots.
+    pub snapshot_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EtcdTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -73,7 +106,14 @@ pub struct ServiceConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "source")]
 pub enum DiscoveryConfig {
-    Static { endpoints: Vec<EndpointSpec> },
+    Static {
+        endpoints: Vec<EndpointSpec>,
+    },
+    /// Watch `prefix` in etcd; keep only instances whose tags match every `selector` entry.
+    Etcd {
+        prefix: String,
+        selector: BTreeMap<String, String>,
+    },
 }
 
 /// One instance of a service as discovery reports it: plain data, no runtime state.

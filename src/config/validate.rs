@@ -10,7 +10,9 @@ use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use super::file::{DiscoveryKind, EndpointFile, File, ListenerFile, ServiceFile, TimeoutsFile};
+use super::file::{
+    DiscoveryKind, EndpointFile, EtcdFile, File, ListenerFile, ServiceFile, TimeoutsFile,
+};
 use super::locate::{Index, Pos, join_key};
 use super::*;
 
@@ -26,6 +28,8 @@ pub mod defaults {
     pub const IDLE: Duration = Duration::from_secs(30);
     pub const TCP_IDLE: Duration = Duration::from_secs(3600);
     pub const WEIGHT: u32 = 1;
+    pub const ETCD_DIAL: Duration = Duration::from_secs(2);
+    pub const ETCD_REQUEST: Duration = Duration::from_secs(5);
     pub const MAX_WEIGHT: u32 = 65_535;
 }
 
@@ -153,11 +157,90 @@ impl Validator {
             .map(|(i, l)| self.listener(&format!("listeners[{i}]"), l, &services))
             .collect();
         self.unique_listeners(&admin, &listeners);
+        let etcd = f.etcd.map(|e| self.etcd(e));
+        let uses_etcd = services
+            .values()
+            .any(|s| matches!(s.discovery, DiscoveryConfig::Etcd { .. }));
+        if uses_etcd && etcd.is_none() {
+            self.problem(
+                "",
+                "services use `discovery: etcd` but there is no top-level `etcd` block",
+            );
+        }
         Config {
             admin,
             shutdown,
             listeners,
             services,
+            etcd,
+        }
+    }
+
+    fn etcd(&mut self, e: EtcdFile) -> EtcdConfig {
+        if e.endpoints.is_empty() {
+            self.problem(
+                "etcd.endpoints",
+                "list at least one etcd endpoint, e.g. http://127.0.0.1:2379",
+            );
+        }
+        let scheme = if e.tls.is_some() { "https" } else { "http" };
+        let endpoints = e
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let url = if url.contains("://") {
+                    url.clone()
+                } else {
+                    format!("{scheme}://{url}")
+                };
+                let hostport = url
+                    .split_once("://")
+                    .map_or("", |(_, r)| r.trim_end_matches('/'));
+                if !hostport.contains(':') || hostport.contains('/') {
+                    self.problem(
+                        &format!("etcd.endpoints[{i}]"),
+                        format!("{url:?} is not an etcd URL (scheme://host:port)"),
+                    );
+                }
+                url
+            })
+            .collect();
+        if e.password.is_some() != e.username.is_some() {
+            self.problem("etcd.username", "username and password go together");
+        }
+        let tls = e.tls.map(|t| {
+            if t.cert.is_some() != t.key.is_some() {
+                self.problem(
+                    "etcd.tls",
+                    "a client certificate needs both `cert` and `key`",
+                );
+            }
+            EtcdTls {
+                ca: t.ca.map(Into::into),
+                cert: t.cert.map(Into::into),
+                key: t.key.map(Into::into),
+            }
+        });
+        let ms = Duration::from_millis(10);
+        EtcdConfig {
+            endpoints,
+            username: e.username,
+            password: e.password,
+            tls,
+            dial_timeout: self.duration(
+                "etcd.dial_timeout",
+                e.dial_timeout,
+                defaults::ETCD_DIAL,
+                ms..=Duration::from_secs(60),
+            ),
+            request_timeout: self.duration(
+                "etcd.request_timeout",
+                e.request_timeout,
+                defaults::ETCD_REQUEST,
+                ms..=Duration::from_secs(300),
+            ),
+            snapshot_dir: e.snapshot_dir.map(Into::into),
         }
     }
 
@@ -216,8 +299,35 @@ impl Validator {
     }
 
     fn service(&mut self, path: &str, s: ServiceFile) -> ServiceConfig {
+        let name = path.strip_prefix("services.").unwrap_or(path);
         let discovery = match s.discovery {
+            DiscoveryKind::Etcd => {
+                if s.endpoints.is_some() {
+                    self.problem(
+                        &join_key(path, "endpoints"),
+                        "`endpoints` is for `discovery: static`; etcd finds them",
+                    );
+                }
+                let e = s.etcd.unwrap_or_default();
+                let prefix = e.prefix.unwrap_or_else(|| format!("svc/{name}/"));
+                if prefix.is_empty() {
+                    self.problem(
+                        &join_key(path, "etcd.prefix"),
+                        "an empty prefix would watch the whole keyspace",
+                    );
+                }
+                DiscoveryConfig::Etcd {
+                    prefix,
+                    selector: e.selector,
+                }
+            }
             DiscoveryKind::Static => {
+                if s.etcd.is_some() {
+                    self.problem(
+                        &join_key(path, "etcd"),
+                        "`etcd` settings need `discovery: etcd`",
+                    );
+                }
                 let endpoints_path = join_key(path, "endpoints");
                 let Some(endpoints) = s.endpoints else {
                     self.problem(

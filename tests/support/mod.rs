@@ -227,3 +227,5 @@ where
     }
     (h.finalize().to_vec(), trailers)
 }
+
+pub mod etcd;
