@@ -40,12 +40,7 @@ fn main() {
         for n in [3, 100, 1_000, 10_000] {
             let balancer = Balancer::new(policy);
             balancer.update(&specs(n));
-            println!(
-                "{:<22} {:>8} {:>10.1}",
-                format!("{policy:?}"),
-                n,
-                ns_per_pick(&balancer)
-            );
+            println!("{:<22} {:>8} {:>10.1}", format!("{policy:?}"), n, ns_per_pick(&balancer));
         }
     }
 }

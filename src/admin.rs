@@ -36,8 +36,8 @@ pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(route(&app, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!("admin connection ended: {e}");
             }
@@ -59,20 +59,16 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, "/live" | "/ready" | "/config" | "/upstreams" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found; try /live /ready /config /upstreams\n",
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams\n"),
     }
 }
 
 fn ready(app: &App) -> Response<Full<Bytes>> {
     match app.readiness() {
         Ok(()) => json_response(StatusCode::OK, &json!({ "ready": true })),
-        Err(reasons) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({ "ready": false, "reasons": reasons }),
-        ),
+        Err(reasons) => {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "ready": false, "reasons": reasons }))
+        }
     }
 }
 
@@ -110,10 +106,10 @@ async fn upstreams(app: &App) -> Response<Full<Bytes>> {
             (name.clone(), view)
         })
         .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({ "generation": runtime.generation, "services": services }),
-    )
+    let registration = app.registration_state().await;
+    let body =
+        json!({ "generation": runtime.generation, "registration": registration, "services": services });
+    json_response(StatusCode::OK, &body)
 }
 
 fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {
@@ -126,10 +122,7 @@ fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "text/plain; charset=utf-8".parse().expect("static"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static"));
     resp
 }
 
@@ -138,9 +131,6 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
     bytes.push(b'\n');
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("static"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
     resp
 }

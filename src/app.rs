@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::Discovery;
 use crate::proxy::{Listener, Upstream};
+use crate::register::Registrar;
 use crate::upstream::Balancer;
 
 /// One config generation: what every new request and connection uses.
@@ -45,11 +46,7 @@ pub struct Status {
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot bind {what} on {addr}: {source}")]
-    Bind {
-        what: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("shutting down: reload refused")]
     ShuttingDown,
 }
@@ -66,6 +63,7 @@ struct Inner {
     /// Held across a whole reload, so reloads apply one at a time.
     listeners: Mutex<Vec<Listener>>,
     discoveries: Mutex<HashMap<String, Discovery>>,
+    registrar: Mutex<Option<Registrar>>,
     status: watch::Sender<Status>,
     config_path: Option<PathBuf>,
     admin_addr: SocketAddr,
@@ -93,26 +91,13 @@ impl App {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = bind(&l.name, l.bind)?;
-            let listener = Listener::spawn(
-                socket,
-                l.clone(),
-                upstreams[&l.service].clone(),
-                &tracker,
-                &stop_accepting,
-            )
-            .map_err(|source| AppError::Bind {
-                what: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
+            let listener =
+                Listener::spawn(socket, l.clone(), upstreams[&l.service].clone(), &tracker, &stop_accepting)
+                    .map_err(|source| AppError::Bind { what: l.name.clone(), addr: l.bind, source })?;
             listeners.push(listener);
         }
         let hash = config.hash();
-        let status = Status {
-            generation: 1,
-            hash: hash.clone(),
-            ..Status::default()
-        };
+        let status = Status { generation: 1, hash: hash.clone(), ..Status::default() };
         let runtime = Runtime {
             generation: 1,
             hash,
@@ -125,6 +110,7 @@ impl App {
                 runtime: ArcSwap::from_pointee(runtime),
                 listeners: Mutex::new(listeners),
                 discoveries: Mutex::new(discoveries),
+                registrar: Mutex::new(None),
                 status: watch::Sender::new(status),
                 config_path,
                 admin_addr,
@@ -136,12 +122,9 @@ impl App {
                 finished: CancellationToken::new(),
             }),
         };
+        app.set_registration(&app.runtime().config).await;
         let admin_stop = CancellationToken::new();
-        tokio::spawn(crate::admin::serve(
-            admin_socket,
-            app.clone(),
-            admin_stop.clone(),
-        ));
+        tokio::spawn(crate::admin::serve(admin_socket, app.clone(), admin_stop.clone()));
         tokio::spawn(app.clone().lifecycle(admin_stop));
         tracing::info!(admin = %admin_addr, "outrider started");
         Ok(app)
@@ -158,18 +141,12 @@ impl App {
     /// The bound address of a listener (useful when the config says port 0).
     pub async fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         let listeners = self.inner.listeners.lock().await;
-        listeners
-            .iter()
-            .find(|l| l.config.name == name)
-            .map(|l| l.local_addr)
+        listeners.iter().find(|l| l.config.name == name).map(|l| l.local_addr)
     }
 
     pub async fn listener_addrs(&self) -> BTreeMap<String, SocketAddr> {
         let listeners = self.inner.listeners.lock().await;
-        listeners
-            .iter()
-            .map(|l| (l.config.name.clone(), l.local_addr))
-            .collect()
+        listeners.iter().map(|l| (l.config.name.clone(), l.local_addr)).collect()
     }
 
     /// Generation, hash and reload failures; `changed()` on it awaits the next reload outcome.
@@ -186,25 +163,34 @@ impl App {
         }
         for (name, up) in &self.runtime().upstreams {
             if !up.balancer.snapshot().synced {
-                reasons.push(format!(
-                    "service {name}: no endpoint set from discovery yet"
-                ));
+                reasons.push(format!("service {name}: no endpoint set from discovery yet"));
             }
         }
-        if reasons.is_empty() {
-            Ok(())
-        } else {
-            Err(reasons)
-        }
+        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
     }
 
     /// Live discovery state per service (etcd revision, watch state), for `/upstreams`.
     pub async fn discovery_status(&self) -> BTreeMap<String, serde_json::Value> {
         let discoveries = self.inner.discoveries.lock().await;
-        discoveries
-            .iter()
-            .filter_map(|(name, d)| Some((name.clone(), d.etcd.as_ref()?.to_json())))
-            .collect()
+        discoveries.iter().filter_map(|(name, d)| Some((name.clone(), d.etcd.as_ref()?.to_json()))).collect()
+    }
+
+    /// Starts, keeps or replaces the registration of the local app to match `config`.
+    async fn set_registration(&self, config: &Config) {
+        let wanted = config.register.clone().zip(config.etcd.clone());
+        let mut registrar = self.inner.registrar.lock().await;
+        if registrar.as_ref().map(|r| &r.config) == wanted.as_ref() {
+            return;
+        }
+        if let Some(old) = registrar.take() {
+            old.withdraw().await;
+        }
+        *registrar = wanted.map(|(r, e)| Registrar::start(r, e));
+    }
+
+    /// `None` when registration is not configured.
+    pub async fn registration_state(&self) -> Option<&'static str> {
+        self.inner.registrar.lock().await.as_ref().map(Registrar::state)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -230,7 +216,16 @@ impl App {
         let inner = &self.inner;
         inner.shutdown_requested.cancelled().await;
         inner.draining.store(true, Ordering::Relaxed);
-        let shutdown = self.runtime().config.shutdown.clone();
+        let config = self.runtime().config.clone();
+        // Peers must stop sending to us before we stop accepting: withdraw the key first.
+        if let Some(registrar) = inner.registrar.lock().await.take() {
+            registrar.withdraw().await;
+            if let Some(r) = &config.register {
+                tracing::info!(delay = ?r.deregistration_delay, "shutdown: deregistered; waiting for peers to see it");
+                tokio::time::sleep(r.deregistration_delay).await;
+            }
+        }
+        let shutdown = config.shutdown.clone();
         if !inner.skip_drain.load(Ordering::Relaxed) && !shutdown.drain_window.is_zero() {
             tracing::info!(drain_window = ?shutdown.drain_window, "shutdown: not ready; still proxying during the drain window");
             tokio::time::sleep(shutdown.drain_window).await;
@@ -238,10 +233,7 @@ impl App {
         tracing::info!(grace_period = ?shutdown.grace_period, "shutdown: stopped accepting; waiting for in-flight requests");
         inner.stop_accepting.cancel();
         inner.tracker.close();
-        if tokio::time::timeout(shutdown.grace_period, inner.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(shutdown.grace_period, inner.tracker.wait()).await.is_err() {
             tracing::warn!(
                 open = inner.tracker.len(),
                 "shutdown: grace period over; closing what is still open"
@@ -308,8 +300,8 @@ impl App {
             upstreams: upstreams.clone(),
             loaded_at: SystemTime::now(),
         }));
-        self.swap_listeners(&mut listeners, &config, &upstreams, plan)
-            .await;
+        self.swap_listeners(&mut listeners, &config, &upstreams, plan).await;
+        self.set_registration(&config).await;
         self.inner.status.send_modify(|s| {
             s.generation = generation;
             s.hash = hash;
@@ -342,9 +334,10 @@ impl App {
             }
         }
         for l in plan.rebinds {
-            match rebind(l.bind).await.and_then(|s| {
-                Listener::spawn(s, l.clone(), upstreams[&l.service].clone(), tracker, stop)
-            }) {
+            match rebind(l.bind)
+                .await
+                .and_then(|s| Listener::spawn(s, l.clone(), upstreams[&l.service].clone(), tracker, stop))
+            {
                 Ok(listener) => next.push(listener),
                 Err(e) => {
                     tracing::error!(listener = %l.name, addr = %l.bind, "cannot rebind listener: {e}")
@@ -352,13 +345,7 @@ impl App {
             }
         }
         for (l, socket) in plan.fresh {
-            match Listener::spawn(
-                socket,
-                l.clone(),
-                upstreams[&l.service].clone(),
-                tracker,
-                stop,
-            ) {
+            match Listener::spawn(socket, l.clone(), upstreams[&l.service].clone(), tracker, stop) {
                 Ok(listener) => next.push(listener),
                 Err(e) => tracing::error!(listener = %l.name, "cannot start listener: {e}"),
             }
@@ -370,10 +357,7 @@ impl App {
 /// Binds the sockets a reload needs before anything changes: listeners with a new address are
 /// bound now (failure aborts the reload); those whose address stays but protocol changes are
 /// rebound after the old one closes.
-fn plan_listeners(
-    current: &[Listener],
-    wanted: &[ListenerConfig],
-) -> Result<ListenerPlan, AppError> {
+fn plan_listeners(current: &[Listener], wanted: &[ListenerConfig]) -> Result<ListenerPlan, AppError> {
     let mut fresh = Vec::new();
     let mut rebinds = Vec::new();
     for l in wanted {
@@ -404,10 +388,8 @@ fn build_upstreams(
     let etcd = config.etcd.as_ref();
     for (name, svc) in &config.services {
         let prev = previous.and_then(|r| r.upstreams.get(name));
-        let balancer = prev.map_or_else(
-            || Arc::new(Balancer::new(svc.load_balancing)),
-            |p| p.balancer.clone(),
-        );
+        let balancer =
+            prev.map_or_else(|| Arc::new(Balancer::new(svc.load_balancing)), |p| p.balancer.clone());
         balancer.set_policy(svc.load_balancing);
         let discovery = match discoveries.remove(name) {
             Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, &balancer),
@@ -422,28 +404,15 @@ fn build_upstreams(
 }
 
 fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    let err = |source| AppError::Bind {
-        what: what.to_string(),
-        addr,
-        source,
-    };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
+    let err = |source| AppError::Bind { what: what.to_string(), addr, source };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(1024).map_err(err)
 }
 
 fn local_addr(what: &str, addr: SocketAddr, socket: &TcpListener) -> Result<SocketAddr, AppError> {
-    socket.local_addr().map_err(|source| AppError::Bind {
-        what: what.to_string(),
-        addr,
-        source,
-    })
+    socket.local_addr().map_err(|source| AppError::Bind { what: what.to_string(), addr, source })
 }
 
 /// Binds an address an old listener is releasing: its accept loop drops the socket as soon

@@ -36,16 +36,10 @@ pub async fn start_instances(config: &Config) -> std::io::Result<Vec<SocketAddr>
 
 async fn instance(socket: TcpListener, addr: SocketAddr) {
     while let Ok((stream, _)) = socket.accept().await {
-        let service = service_fn(
-            move |req: http::Request<hyper::body::Incoming>| async move {
-                let body = format!(
-                    "hello from demo instance {addr}: {} {}\n",
-                    req.method(),
-                    req.uri()
-                );
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-            },
-        );
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+            let body = format!("hello from demo instance {addr}: {} {}\n", req.method(), req.uri());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+        });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

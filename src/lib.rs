@@ -17,5 +17,6 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod proxy;
+pub mod register;
 pub mod upstream;
 pub mod watch;

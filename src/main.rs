@@ -11,11 +11,7 @@ use outrider::config::Config;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(
-    name = "outrider",
-    version,
-    about = "A sidecar proxy with client-side load balancing"
-)]
+#[command(name = "outrider", version, about = "A sidecar proxy with client-side load balancing")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,18 +57,11 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: piped logs (kubectl logs, files) stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")
 }
 
 fn check(file: &std::path::Path) -> ExitCode {
@@ -99,14 +88,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 
 async fn demo() -> anyhow::Result<()> {
     let config = Config::parse(outrider::demo::QUICKSTART)?;
-    let instances = outrider::demo::start_instances(&config)
-        .await
-        .context("cannot start demo instances")?;
+    let instances = outrider::demo::start_instances(&config).await.context("cannot start demo instances")?;
     let app = App::start(config, None).await?;
-    let listener = app
-        .listener_addr("hello")
-        .await
-        .context("quickstart has no `hello` listener")?;
+    let listener = app.listener_addr("hello").await.context("quickstart has no `hello` listener")?;
     tracing::info!(?instances, "demo instances up");
     eprintln!("\nTry:  for i in 1 2 3 4; do curl -s http://{listener}/; done");
     eprintln!("      curl -s http://{}/upstreams\n", app.admin_addr());

@@ -16,10 +16,8 @@ fn problems(yaml: &str) -> Vec<Problem> {
 
 /// Asserts one problem at `path` on `line` whose message contains `needle`.
 fn assert_problem(all: &[Problem], path: &str, line: usize, needle: &str) {
-    let found = all
-        .iter()
-        .find(|p| p.path == path)
-        .unwrap_or_else(|| panic!("no problem at {path}: {all:#?}"));
+    let found =
+        all.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path}: {all:#?}"));
     assert_eq!(found.pos.map(|p| p.line), Some(line), "{found}");
     assert!(found.message.contains(needle), "{found}");
 }
@@ -40,25 +38,15 @@ fn every_shipped_config_file_is_valid() {
             }
         }
     }
-    for expected in [
-        "config/reference.yaml",
-        "config/quickstart.yaml",
-        "k8s/outrider.yaml",
-    ] {
-        assert!(
-            checked.iter().any(|c| c == expected),
-            "{expected} not checked: {checked:?}"
-        );
+    for expected in ["config/reference.yaml", "config/quickstart.yaml", "k8s/outrider.yaml"] {
+        assert!(checked.iter().any(|c| c == expected), "{expected} not checked: {checked:?}");
     }
 }
 
 #[test]
 fn embedded_quickstart_matches_the_shipped_file() {
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/quickstart.yaml"
-    ))
-    .unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/quickstart.yaml")).unwrap();
     assert_eq!(outrider::demo::QUICKSTART, shipped);
 }
 
@@ -99,52 +87,19 @@ services:
 ";
     let all = problems(yaml);
     assert_problem(&all, "shutdown.drain_window", 4, "not a duration");
-    assert_problem(
-        &all,
-        "listeners[0].bind",
-        7,
-        "port 7001 is already used by admin.bind",
-    );
+    assert_problem(&all, "listeners[0].bind", 7, "port 7001 is already used by admin.bind");
     assert_problem(&all, "listeners[1].name", 9, "duplicate listener name");
-    assert_problem(
-        &all,
-        "listeners[1].service",
-        11,
-        "unknown service \"billing\"",
-    );
-    assert_problem(
-        &all,
-        "services.payments.endpoints[0].weight",
-        16,
-        "between 1 and 65535, got 0",
-    );
-    assert_problem(
-        &all,
-        "services.payments.endpoints[1].addr",
-        17,
-        "not an IP:port",
-    );
-    assert_problem(
-        &all,
-        "services.payments.endpoints[2].addr",
-        18,
-        "duplicate endpoint",
-    );
-    assert_problem(
-        &all,
-        "services.payments.timeouts.request",
-        20,
-        "out of range",
-    );
+    assert_problem(&all, "listeners[1].service", 11, "unknown service \"billing\"");
+    assert_problem(&all, "services.payments.endpoints[0].weight", 16, "between 1 and 65535, got 0");
+    assert_problem(&all, "services.payments.endpoints[1].addr", 17, "not an IP:port");
+    assert_problem(&all, "services.payments.endpoints[2].addr", 18, "duplicate endpoint");
+    assert_problem(&all, "services.payments.timeouts.request", 20, "out of range");
     assert_eq!(all.len(), 8, "{all:#?}");
 }
 
 #[test]
 fn unknown_field_names_its_path_and_line() {
-    let yaml = BASE.replace(
-        "    service: payments\n",
-        "    service: payments\n    colour: blue\n",
-    );
+    let yaml = BASE.replace("    service: payments\n", "    service: payments\n    colour: blue\n");
     let all = problems(&yaml);
     assert_problem(&all, "listeners[0].colour", 5, "unknown field `colour`");
 }
@@ -158,10 +113,8 @@ fn wrong_enum_value_names_its_path_and_line() {
 
 #[test]
 fn wrong_type_names_its_path_and_line() {
-    let yaml = BASE.replace(
-        "      - addr: 127.0.0.1:8080\n",
-        "      - addr: 127.0.0.1:8080\n        weight: heavy\n",
-    );
+    let yaml = BASE
+        .replace("      - addr: 127.0.0.1:8080\n", "      - addr: 127.0.0.1:8080\n        weight: heavy\n");
     let all = problems(&yaml);
     assert_problem(&all, "services.payments.endpoints[0].weight", 9, "");
 }
@@ -199,34 +152,18 @@ fn check_command_exit_codes() {
     let good = dir.path().join("good.yaml");
     std::fs::write(&good, BASE).unwrap();
     let out = Command::new(bin).arg("check").arg(&good).output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let effective: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("effective config is JSON");
-    assert_eq!(
-        effective["services"]["payments"]["timeouts"]["connect"],
-        "1s"
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let effective: serde_json::Value = serde_json::from_slice(&out.stdout).expect("effective config is JSON");
+    assert_eq!(effective["services"]["payments"]["timeouts"]["connect"], "1s");
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, BASE.replace("8080", "99999")).unwrap();
     let out = Command::new(bin).arg("check").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("services.payments.endpoints[0].addr (line 8"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("services.payments.endpoints[0].addr (line 8"), "{stderr}");
 
-    let out = Command::new(bin)
-        .arg("check")
-        .arg(dir.path().join("missing.yaml"))
-        .output()
-        .unwrap();
+    let out = Command::new(bin).arg("check").arg(dir.path().join("missing.yaml")).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let out = Command::new(bin).arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2 (clap)");

@@ -38,12 +38,8 @@ async fn until_routed_to(url: &str, name: &str) -> Duration {
 }
 
 async fn endpoint_addrs(app: &outrider::app::App) -> Vec<String> {
-    let mut addrs: Vec<_> = app.runtime().upstreams["pay"]
-        .balancer
-        .describe()
-        .iter()
-        .map(|e| e.addr.to_string())
-        .collect();
+    let mut addrs: Vec<_> =
+        app.runtime().upstreams["pay"].balancer.describe().iter().map(|e| e.addr.to_string()).collect();
     addrs.sort();
     addrs
 }
@@ -53,21 +49,15 @@ async fn put_and_delete_change_routing_within_a_second() {
     let etcd = Etcd::start().await;
     let mut kv = etcd.client().await;
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
-    kv.put(format!("svc/pay/{}", a.addr), naming(a.addr, ""), None)
-        .await
-        .unwrap();
+    kv.put(format!("svc/pay/{}", a.addr), naming(a.addr, ""), None).await.unwrap();
     let app = start_app(&etcd_config(&etcd, "", "")).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
     until_routed_to(&url, "a").await;
 
     let mut latencies = Vec::new();
     for round in 0..5 {
-        kv.put(format!("svc/pay/{}", b.addr), naming(b.addr, ""), None)
-            .await
-            .unwrap();
-        kv.delete(format!("svc/pay/{}", a.addr), None)
-            .await
-            .unwrap();
+        kv.put(format!("svc/pay/{}", b.addr), naming(b.addr, ""), None).await.unwrap();
+        kv.delete(format!("svc/pay/{}", a.addr), None).await.unwrap();
         latencies.push(until_routed_to(&url, "b").await);
         // Only b is left: nothing may reach a any more.
         let hits = a.hits();
@@ -75,20 +65,13 @@ async fn put_and_delete_change_routing_within_a_second() {
             assert_eq!(get(&client(), &url).await.2, "b", "round {round}");
         }
         assert_eq!(a.hits(), hits);
-        kv.put(format!("svc/pay/{}", a.addr), naming(a.addr, ""), None)
-            .await
-            .unwrap();
-        kv.delete(format!("svc/pay/{}", b.addr), None)
-            .await
-            .unwrap();
+        kv.put(format!("svc/pay/{}", a.addr), naming(a.addr, ""), None).await.unwrap();
+        kv.delete(format!("svc/pay/{}", b.addr), None).await.unwrap();
         latencies.push(until_routed_to(&url, "a").await);
     }
     latencies.sort();
     eprintln!("put -> routed latencies: {latencies:?}");
-    assert!(
-        latencies.iter().all(|l| *l < Duration::from_secs(1)),
-        "{latencies:?}"
-    );
+    assert!(latencies.iter().all(|l| *l < Duration::from_secs(1)), "{latencies:?}");
 }
 
 #[tokio::test]
@@ -96,20 +79,11 @@ async fn every_value_format_decodes_and_garbage_is_skipped_and_counted() {
     let etcd = Etcd::start().await;
     let mut kv = etcd.client().await;
     let values = [
-        (
-            "svc/pay/naming",
-            naming("127.0.0.1:10001".parse().unwrap(), r#""weight":3"#),
-        ),
+        ("svc/pay/naming", naming("127.0.0.1:10001".parse().unwrap(), r#""weight":3"#)),
         ("svc/pay/gozero", "127.0.0.1:10002".to_string()),
         ("svc/pay/gokit", "http://127.0.0.1:10003/".to_string()),
-        (
-            "svc/pay/kratos",
-            r#"{"id":"k","endpoints":["http://127.0.0.1:10004"]}"#.to_string(),
-        ),
-        (
-            "svc/pay/micro",
-            r#"{"name":"pay","nodes":[{"id":"m","address":"127.0.0.1:10005"}]}"#.to_string(),
-        ),
+        ("svc/pay/kratos", r#"{"id":"k","endpoints":["http://127.0.0.1:10004"]}"#.to_string()),
+        ("svc/pay/micro", r#"{"name":"pay","nodes":[{"id":"m","address":"127.0.0.1:10005"}]}"#.to_string()),
         ("svc/pay/garbage", "{not json".to_string()),
     ];
     for (k, v) in values {
@@ -127,10 +101,7 @@ async fn every_value_format_decodes_and_garbage_is_skipped_and_counted() {
     assert_eq!(addrs, expected);
     let status = app.discovery_status().await;
     assert_eq!(status["pay"]["undecodable_values"], 1);
-    assert!(
-        status["pay"]["revision"].as_i64().unwrap() >= 6,
-        "{status:?}"
-    );
+    assert!(status["pay"]["revision"].as_i64().unwrap() >= 6, "{status:?}");
 }
 
 #[tokio::test]
@@ -138,18 +109,9 @@ async fn tag_selector_routes_to_a_subset() {
     let etcd = Etcd::start().await;
     let mut kv = etcd.client().await;
     let (v1, v2) = (Backend::named("v1").await, Backend::named("v2").await);
-    kv.put("svc/pay/1", naming(v1.addr, r#""version":"v1""#), None)
-        .await
-        .unwrap();
-    kv.put("svc/pay/2", naming(v2.addr, r#""version":"v2""#), None)
-        .await
-        .unwrap();
-    let app = start_app(&etcd_config(
-        &etcd,
-        "    etcd:\n      selector: { version: v2 }\n",
-        "",
-    ))
-    .await;
+    kv.put("svc/pay/1", naming(v1.addr, r#""version":"v1""#), None).await.unwrap();
+    kv.put("svc/pay/2", naming(v2.addr, r#""version":"v2""#), None).await.unwrap();
+    let app = start_app(&etcd_config(&etcd, "    etcd:\n      selector: { version: v2 }\n", "")).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
     until_routed_to(&url, "v2").await;
     for _ in 0..20 {
@@ -171,11 +133,7 @@ async fn etcd_crash_keeps_the_last_set_and_changes_after_restart_arrive_despite_
     etcd.kill();
     let client = client();
     for _ in 0..50 {
-        assert_eq!(
-            get(&client, &url).await.0,
-            200,
-            "requests fail while etcd is down"
-        );
+        assert_eq!(get(&client, &url).await.0, 200, "requests fail while etcd is down");
     }
     etcd.restart().await;
     let mut kv = etcd.client().await;
@@ -199,9 +157,7 @@ async fn lease_expiry_removes_an_instance_within_ttl_plus_one_second() {
     let ttl = Duration::from_secs(lease.ttl() as u64);
     let lease = lease.id();
     let opts = etcd_client::PutOptions::new().with_lease(lease);
-    kv.put("svc/pay/b", naming(b.addr, ""), Some(opts))
-        .await
-        .unwrap();
+    kv.put("svc/pay/b", naming(b.addr, ""), Some(opts)).await.unwrap();
     let app = start_app(&etcd_config(&etcd, "", "")).await;
     within(async {
         while endpoint_addrs(&app).await.len() < 2 {
@@ -217,10 +173,7 @@ async fn lease_expiry_removes_an_instance_within_ttl_plus_one_second() {
     })
     .await;
     let elapsed = granted.elapsed();
-    assert!(
-        elapsed < ttl + Duration::from_secs(1),
-        "took {elapsed:?} with a TTL of {ttl:?}"
-    );
+    assert!(elapsed < ttl + Duration::from_secs(1), "took {elapsed:?} with a TTL of {ttl:?}");
     assert_eq!(endpoint_addrs(&app).await, vec![a.addr.to_string()]);
 }
 
@@ -245,17 +198,11 @@ async fn cold_start_with_etcd_down_serves_a_snapshot_and_is_not_ready_without_on
     let app = start_app(&etcd_config(&etcd, "", &with_snapshot)).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
     until_routed_to(&url, "a").await;
-    assert!(
-        app.readiness().is_ok(),
-        "a loaded snapshot counts as synced"
-    );
+    assert!(app.readiness().is_ok(), "a loaded snapshot counts as synced");
 
     let empty_dir = tempfile::tempdir().unwrap();
     let without = format!("  snapshot_dir: {}\n", empty_dir.path().display());
     let cold = start_app(&etcd_config(&etcd, "", &without)).await;
     let reasons = cold.readiness().unwrap_err();
-    assert!(
-        reasons.iter().any(|r| r.contains("service pay")),
-        "{reasons:?}"
-    );
+    assert!(reasons.iter().any(|r| r.contains("service pay")), "{reasons:?}");
 }

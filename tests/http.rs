@@ -17,17 +17,8 @@ use tokio::sync::Semaphore;
 
 #[tokio::test]
 async fn weighted_round_robin_5_1_1_is_exact_and_interleaved() {
-    let (a, b, c) = (
-        Backend::named("a").await,
-        Backend::named("b").await,
-        Backend::named("c").await,
-    );
-    let app = start_app(&one_service(
-        "http",
-        "",
-        &[(a.addr, 5), (b.addr, 1), (c.addr, 1)],
-    ))
-    .await;
+    let (a, b, c) = (Backend::named("a").await, Backend::named("b").await, Backend::named("c").await);
+    let app = start_app(&one_service("http", "", &[(a.addr, 5), (b.addr, 1), (c.addr, 1)])).await;
     let front = app.listener_addr("front").await.unwrap();
     let client = client();
     let mut order = Vec::new();
@@ -43,19 +34,9 @@ async fn weighted_round_robin_5_1_1_is_exact_and_interleaved() {
     assert_eq!((counts["a"], counts["b"], counts["c"]), (500, 100, 100));
     let longest_a_run = order[..7]
         .iter()
-        .fold((0, 0), |(best, run), n| {
-            if n == "a" {
-                (best.max(run + 1), run + 1)
-            } else {
-                (best, 0)
-            }
-        })
+        .fold((0, 0), |(best, run), n| if n == "a" { (best.max(run + 1), run + 1) } else { (best, 0) })
         .0;
-    assert!(
-        longest_a_run <= 2,
-        "first 7 picks {:?} have a run of {longest_a_run}",
-        &order[..7]
-    );
+    assert!(longest_a_run <= 2, "first 7 picks {:?} have a run of {longest_a_run}", &order[..7]);
 }
 
 #[tokio::test]
@@ -74,12 +55,8 @@ async fn least_request_sends_new_requests_away_from_a_busy_endpoint() {
     .await;
     let (fast1, fast2) = (Backend::named("fast1").await, Backend::named("fast2").await);
     let extra = "    load_balancing: least_request\n";
-    let app = start_app(&one_service(
-        "http",
-        extra,
-        &[(slow.addr, 1), (fast1.addr, 1), (fast2.addr, 1)],
-    ))
-    .await;
+    let app =
+        start_app(&one_service("http", extra, &[(slow.addr, 1), (fast1.addr, 1), (fast2.addr, 1)])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
     let client = client();
     // Send requests one at a time until one is parked on the slow endpoint.
@@ -96,10 +73,7 @@ async fn least_request_sends_new_requests_away_from_a_busy_endpoint() {
         let (status, _, body) = get(&client, &url).await;
 
         assert_eq!(status, 200);
-        assert_ne!(
-            body, "slow",
-            "a request went to the endpoint holding requests open"
-        );
+        assert_ne!(body, "slow", "a request went to the endpoint holding requests open");
     }
     assert_eq!(slow.hits(), 1);
     gate.add_permits(1);
@@ -118,21 +92,12 @@ async fn echo_backend() -> Backend {
 }
 
 async fn stream_64mib(
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        TestBody,
-    >,
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody>,
     front: std::net::SocketAddr,
 ) {
     const TOTAL: usize = 64 * 1024 * 1024;
-    let body = Pattern {
-        remaining: TOTAL,
-        offset: 0,
-    }
-    .boxed();
-    let req = Request::post(format!("http://{front}/upload"))
-        .body(body)
-        .unwrap();
+    let body = Pattern { remaining: TOTAL, offset: 0 }.boxed();
+    let req = Request::post(format!("http://{front}/upload")).body(body).unwrap();
     let resp = within(client.request(req)).await.expect("response");
     assert_eq!(resp.status(), 200);
     let (digest, _) = hash_body(resp.into_body()).await;
@@ -149,22 +114,14 @@ async fn http1_streams_64_mib_both_ways() {
 #[tokio::test]
 async fn h2c_streams_64_mib_both_ways_to_an_http2_upstream() {
     let echo = echo_backend().await;
-    let app = start_app(&one_service(
-        "http",
-        "    protocol: http2\n",
-        &[(echo.addr, 1)],
-    ))
-    .await;
+    let app = start_app(&one_service("http", "    protocol: http2\n", &[(echo.addr, 1)])).await;
     stream_64mib(h2c_client(), app.listener_addr("front").await.unwrap()).await;
 }
 
 /// Answers like a gRPC server: a data frame, then `grpc-status` in trailers.
 async fn trailers_backend() -> Backend {
     Backend::start(|req: Request<hyper::body::Incoming>| async move {
-        assert_eq!(
-            req.headers().get("te").map(|v| v.to_str().unwrap()),
-            Some("trailers")
-        );
+        assert_eq!(req.headers().get("te").map(|v| v.to_str().unwrap()), Some("trailers"));
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.insert("grpc-message", "ok".parse().unwrap());
@@ -173,11 +130,9 @@ async fn trailers_backend() -> Backend {
             Ok(Frame::trailers(trailers)),
         ];
         let mut resp = Response::new(StreamBody::new(futures_iter(frames)).boxed());
-        resp.headers_mut()
-            .insert("content-type", "application/grpc".parse().unwrap());
+        resp.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
         // HTTP/1.1 sends only the trailer fields a response announces.
-        resp.headers_mut()
-            .insert("trailer", "grpc-status, grpc-message".parse().unwrap());
+        resp.headers_mut().insert("trailer", "grpc-status, grpc-message".parse().unwrap());
         resp
     })
     .await
@@ -200,12 +155,7 @@ fn futures_iter<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> 
 #[tokio::test]
 async fn grpc_style_trailers_pass_through_h2c_and_http2_upstream() {
     let backend = trailers_backend().await;
-    let app = start_app(&one_service(
-        "http",
-        "    protocol: http2\n",
-        &[(backend.addr, 1)],
-    ))
-    .await;
+    let app = start_app(&one_service("http", "    protocol: http2\n", &[(backend.addr, 1)])).await;
     let front = app.listener_addr("front").await.unwrap();
     let req = Request::post(format!("http://{front}/pkg.Svc/Call"))
         .header("te", "trailers")
@@ -225,26 +175,17 @@ async fn trailers_pass_through_http1_with_te_trailers() {
     let backend = trailers_backend().await;
     let app = start_app(&one_service("http", "", &[(backend.addr, 1)])).await;
     let front = app.listener_addr("front").await.unwrap();
-    let req = Request::post(format!("http://{front}/x"))
-        .header("te", "trailers")
-        .body(empty())
-        .unwrap();
+    let req = Request::post(format!("http://{front}/x")).header("te", "trailers").body(empty()).unwrap();
     let resp = within(client().request(req)).await.unwrap();
     let (_, trailers) = hash_body(resp.into_body()).await;
-    assert_eq!(
-        trailers.expect("trailers arrive over HTTP/1.1 chunked")["grpc-status"],
-        "0"
-    );
+    assert_eq!(trailers.expect("trailers arrive over HTTP/1.1 chunked")["grpc-status"], "0");
 }
 
 /// A minimal WebSocket server: checks the handshake, then echoes one text frame unmasked.
 async fn websocket_backend() -> Backend {
     Backend::start(|mut req: Request<hyper::body::Incoming>| async move {
         assert_eq!(req.headers()["upgrade"], "websocket");
-        assert_eq!(
-            req.headers()["sec-websocket-key"],
-            "dGhlIHNhbXBsZSBub25jZQ=="
-        );
+        assert_eq!(req.headers()["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let mut io = hyper_util::rt::TokioIo::new(upgrade.await.expect("upgrade"));
@@ -286,10 +227,7 @@ async fn websocket_upgrade_echoes_end_to_end() {
     }
     let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(
-        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
+    assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
     let mask = [1u8, 2, 3, 4];
     let mut frame = vec![0x81, 0x80 | 5];
     frame.extend_from_slice(&mask);
@@ -318,10 +256,7 @@ async fn connect_failure_is_502_with_reason() {
     let (status, headers, body) = get(&client(), &format!("http://{front}/")).await;
     assert_eq!(status, 502);
     assert_eq!(headers["x-outrider-error"], "connect_failed");
-    assert!(
-        body.contains(&dead.to_string()),
-        "body names the endpoint: {body}"
-    );
+    assert!(body.contains(&dead.to_string()), "body names the endpoint: {body}");
 }
 
 #[tokio::test]
@@ -364,9 +299,7 @@ async fn malformed_request_gets_400_and_the_proxy_keeps_serving() {
     let app = start_app(&one_service("http", "", &[(backend.addr, 1)])).await;
     let front = app.listener_addr("front").await.unwrap();
     let mut conn = TcpStream::connect(front).await.unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
-        .await
-        .unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await.unwrap();
     let mut reply = Vec::new();
     within(conn.read_to_end(&mut reply)).await.unwrap();
     let reply = String::from_utf8_lossy(&reply);
@@ -384,11 +317,7 @@ async fn hop_by_hop_headers_do_not_reach_the_upstream() {
             .filter(|h| req.headers().contains_key(*h))
             .collect();
         assert!(req.headers().contains_key("x-end-to-end"));
-        if leaked.is_empty() {
-            text(200, "clean")
-        } else {
-            text(500, "leaked")
-        }
+        if leaked.is_empty() { text(200, "clean") } else { text(500, "leaked") }
     })
     .await;
     let app = start_app(&one_service("http", "", &[(backend.addr, 1)])).await;

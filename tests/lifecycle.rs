@@ -22,12 +22,7 @@ async fn admin_pages_describe_the_running_config() {
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(config["generation"], 1);
     assert_eq!(config["hash"].as_str().unwrap().len(), 16);
-    assert!(
-        config["listeners"]["front"]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.0.1:")
-    );
+    assert!(config["listeners"]["front"].as_str().unwrap().starts_with("127.0.0.1:"));
     let (_, _, body) = get(&client, &format!("http://{admin}/upstreams")).await;
     let up: serde_json::Value = serde_json::from_str(&body).unwrap();
     let endpoint = &up["services"]["svc"]["endpoints"][0];
@@ -41,9 +36,7 @@ async fn admin_pages_describe_the_running_config() {
 async fn post_shutdown_stops_the_proxy() {
     let a = Backend::named("a").await;
     let app = start_app(&one_service("http", "", &[(a.addr, 1)])).await;
-    let req = http::Request::post(format!("http://{}/shutdown", app.admin_addr()))
-        .body(empty())
-        .unwrap();
+    let req = http::Request::post(format!("http://{}/shutdown", app.admin_addr())).body(empty()).unwrap();
     let resp = within(client().request(req)).await.unwrap();
     assert_eq!(resp.status(), 202);
     within(app.finished()).await;
@@ -55,10 +48,7 @@ fn log_lines(stderr: std::process::ChildStderr) -> tokio::sync::mpsc::UnboundedR
     use std::io::BufRead;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
@@ -100,10 +90,7 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
         }
     })
     .await;
-    let (admin, front) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
+    let (admin, front) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let yaml = format!(
         "admin:\n  bind: {admin}\nshutdown:\n  drain_window: 2s\n  grace_period: 20s\n\
          listeners:\n  - name: front\n    bind: {front}\n    service: svc\n\
@@ -131,10 +118,7 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
         tokio::spawn(async move { get(&client, &url).await })
     };
     within(arrived.recv()).await.unwrap();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
 
     // Draining: not ready, but new connections are still proxied.
@@ -143,25 +127,16 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
     let fresh = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build_http::<TestBody>();
-    assert_eq!(
-        get(&fresh, &format!("http://{front}/")).await.0,
-        200,
-        "proxying during the drain window"
-    );
+    assert_eq!(get(&fresh, &format!("http://{front}/")).await.0, 200, "proxying during the drain window");
 
     // After the drain window the listener is closed: connections are refused.
     wait_for_log(&mut log, "listener closed").await;
-    assert!(
-        TcpStream::connect(&front).await.is_err(),
-        "connection accepted after the drain window"
-    );
+    assert!(TcpStream::connect(&front).await.is_err(), "connection accepted after the drain window");
 
     // The request that was in flight all along still completes.
     gate.add_permits(1);
     let (status, _, body) = within(in_flight).await.unwrap();
     assert_eq!((status, body.as_str()), (200, "done"));
-    let exit = within(tokio::task::spawn_blocking(move || child.wait().unwrap()))
-        .await
-        .unwrap();
+    let exit = within(tokio::task::spawn_blocking(move || child.wait().unwrap())).await.unwrap();
     assert_eq!(exit.code(), Some(0));
 }

@@ -50,46 +50,25 @@ async fn reload_under_load_loses_no_request_and_applies_weights() {
         let before = status.borrow_and_update().clone();
         if i % 2 == 0 {
             write_atomically(&path, &config(a.addr, i + 2, b.addr, 1));
-            within(status.wait_for(|s| s.generation > before.generation))
-                .await
-                .unwrap();
+            within(status.wait_for(|s| s.generation > before.generation)).await.unwrap();
         } else {
             write_atomically(&path, &config(a.addr, 0, b.addr, 1)); // weight 0: invalid
-            within(status.wait_for(|s| s.reload_failures > before.reload_failures))
-                .await
-                .unwrap();
-            assert_eq!(
-                app.runtime().generation,
-                before.generation,
-                "invalid file must not apply"
-            );
+            within(status.wait_for(|s| s.reload_failures > before.reload_failures)).await.unwrap();
+            assert_eq!(app.runtime().generation, before.generation, "invalid file must not apply");
         }
     }
     stop.store(true, Ordering::Relaxed);
     within(load).await.unwrap();
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during reloads"
-    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during reloads");
     assert!(ok.load(Ordering::Relaxed) > 0);
     assert_eq!(app.runtime().generation, 11);
     assert_eq!(status.borrow().reload_failures, 10);
-    assert!(
-        status
-            .borrow()
-            .last_reload_error
-            .as_deref()
-            .unwrap()
-            .contains("endpoints[0].weight")
-    );
+    assert!(status.borrow().last_reload_error.as_deref().unwrap().contains("endpoints[0].weight"));
 
     // Weights change takes effect: 3:1 gives exactly 300:100 over 400 sequential requests.
     let before = app.runtime().generation;
     write_atomically(&path, &config(a.addr, 3, b.addr, 1));
-    within(status.wait_for(|s| s.generation > before))
-        .await
-        .unwrap();
+    within(status.wait_for(|s| s.generation > before)).await.unwrap();
     let client = client();
     let (mut to_a, mut to_b) = (0, 0);
     for _ in 0..400 {
@@ -107,22 +86,13 @@ async fn reload_keeps_endpoint_state_and_listener_of_unchanged_parts() {
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
     let app = start_app(&config(a.addr, 1, b.addr, 1)).await;
     let front = app.listener_addr("front").await.unwrap();
-    let state_before = app.runtime().upstreams["svc"].balancer.snapshot().endpoints[0]
-        .state
-        .clone();
+    let state_before = app.runtime().upstreams["svc"].balancer.snapshot().endpoints[0].state.clone();
     let mut next = outrider::config::Config::parse(&config(a.addr, 5, b.addr, 1)).unwrap();
     next.services.get_mut("svc").unwrap().timeouts.request = std::time::Duration::from_secs(3);
     assert!(app.reload(next).await.unwrap());
-    assert_eq!(
-        app.listener_addr("front").await,
-        Some(front),
-        "listener kept its socket"
-    );
+    assert_eq!(app.listener_addr("front").await, Some(front), "listener kept its socket");
     let snap = app.runtime().upstreams["svc"].balancer.snapshot();
-    assert!(
-        Arc::ptr_eq(&snap.endpoints[0].state, &state_before),
-        "endpoint state kept"
-    );
+    assert!(Arc::ptr_eq(&snap.endpoints[0].state, &state_before), "endpoint state kept");
     assert_eq!(snap.endpoints[0].weight, 5);
 }
 
@@ -131,19 +101,10 @@ async fn reload_adds_and_removes_listeners() {
     let a = Backend::named("a").await;
     let app = start_app(&one_service("http", "", &[(a.addr, 1)])).await;
     let old = app.listener_addr("front").await.unwrap();
-    let yaml = one_service("http", "", &[(a.addr, 1)]).replace(
-        "name: front\n    bind: 127.0.0.1:0",
-        "name: second\n    bind: 127.0.0.2:0",
-    );
-    assert!(
-        app.reload(outrider::config::Config::parse(&yaml).unwrap())
-            .await
-            .unwrap()
-    );
-    let new = app
-        .listener_addr("second")
-        .await
-        .expect("new listener bound");
+    let yaml = one_service("http", "", &[(a.addr, 1)])
+        .replace("name: front\n    bind: 127.0.0.1:0", "name: second\n    bind: 127.0.0.2:0");
+    assert!(app.reload(outrider::config::Config::parse(&yaml).unwrap()).await.unwrap());
+    let new = app.listener_addr("second").await.expect("new listener bound");
     assert_eq!(get(&client(), &format!("http://{new}/")).await.2, "a");
     assert_eq!(app.listener_addr("front").await, None);
     within(async {

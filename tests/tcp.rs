@@ -74,18 +74,9 @@ async fn tcp_least_request_counts_open_connections() {
         })
         .await;
     }
-    assert_eq!(
-        in_flight(&app),
-        vec![2, 2],
-        "open connections spread evenly"
-    );
+    assert_eq!(in_flight(&app), vec![2, 2], "open connections spread evenly");
 }
 
 fn in_flight(app: &outrider::app::App) -> Vec<usize> {
-    app.runtime().upstreams["svc"]
-        .balancer
-        .describe()
-        .iter()
-        .map(|e| e.in_flight)
-        .collect()
+    app.runtime().upstreams["svc"].balancer.describe().iter().map(|e| e.in_flight).collect()
 }

@@ -22,6 +22,34 @@ pub struct File {
     #[serde(default)]
     pub services: BTreeMap<String, ServiceFile>,
     pub etcd: Option<EtcdFile>,
+    pub register: Option<RegisterFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterFile {
+    pub service: String,
+    pub address: String,
+    pub prefix: Option<String>,
+    pub weight: Option<i64>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub lease_ttl: Option<String>,
+    pub deregistration_delay: Option<String>,
+    pub health: Option<HealthFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// `http` (GET `path`, 2xx is healthy) or `tcp` (connect).
+    pub kind: Option<String>,
+    pub addr: Option<String>,
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -33,10 +33,7 @@ impl Index {
         let mut stack: Vec<Frame> = Vec::new();
         for item in Parser::new_from_str(text) {
             let Ok((event, span)) = item else { break };
-            let pos = Pos {
-                line: span.start.line(),
-                column: span.start.col() + 1,
-            };
+            let pos = Pos { line: span.start.line(), column: span.start.col() + 1 };
             match event {
                 Event::Scalar(value, ..) => {
                     index.node(&mut stack, Some(&value), pos);
@@ -65,10 +62,7 @@ impl Index {
     fn node(&mut self, stack: &mut [Frame], scalar: Option<&str>, pos: Pos) -> Option<String> {
         let path = match stack.last_mut() {
             None => String::new(),
-            Some(Frame::Map {
-                path,
-                key: key @ None,
-            }) => {
+            Some(Frame::Map { path, key: key @ None }) => {
                 // Complex (non-scalar) keys are rare in config; they get a placeholder name.
                 let name = scalar.unwrap_or("?").to_string();
                 // An entry is located at its key, so errors point at `weight:`, and an
@@ -112,11 +106,7 @@ impl Index {
 }
 
 pub fn join_key(parent: &str, key: &str) -> String {
-    if parent.is_empty() {
-        key.to_string()
-    } else {
-        format!("{parent}.{key}")
-    }
+    if parent.is_empty() { key.to_string() } else { format!("{parent}.{key}") }
 }
 
 fn parent(path: &str) -> Option<&str> {
@@ -136,21 +126,9 @@ mod tests {
         let text = "a:\n  b:\n    - x: 1\n    - x: 2\n      y: [3, 4]\n";
         let index = Index::build(text);
         assert_eq!(index.find("a.b[1].x"), Some(Pos { line: 4, column: 7 }));
-        assert_eq!(
-            index.find("a.b[1].y[1]"),
-            Some(Pos {
-                line: 5,
-                column: 14
-            })
-        );
-        assert_eq!(
-            index.path_at(Pos { line: 5, column: 7 }).as_deref(),
-            Some("a.b[1].y")
-        );
-        assert_eq!(
-            index.find("a.b[1].missing"),
-            Some(Pos { line: 4, column: 7 })
-        );
+        assert_eq!(index.find("a.b[1].y[1]"), Some(Pos { line: 5, column: 14 }));
+        assert_eq!(index.path_at(Pos { line: 5, column: 7 }).as_deref(), Some("a.b[1].y"));
+        assert_eq!(index.find("a.b[1].missing"), Some(Pos { line: 4, column: 7 }));
         assert_eq!(index.find("zzz"), Some(Pos { line: 1, column: 1 }));
     }
 }

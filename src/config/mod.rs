@@ -30,6 +30,47 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
     /// The etcd cluster that `discovery: etcd` services read; required when any does.
     pub etcd: Option<EtcdConfig>,
+    /// Registration of the local app in etcd; needs the `etcd` block.
+    pub register: Option<RegisterConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RegisterConfig {
+    pub service: String,
+    /// The key is `<prefix><address>`; the value is etcd's naming format.
+    pub key: String,
+    pub address: SocketAddr,
+    pub weight: NonZeroU32,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(with = "human")]
+    pub lease_ttl: Duration,
+    /// After withdrawing the key on shutdown, how long to wait (peers' watches see the
+    /// delete) before the drain starts.
+    #[serde(with = "human")]
+    pub deregistration_delay: Duration,
+    pub health: HealthCheck,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub addr: SocketAddr,
+    #[serde(with = "human")]
+    pub interval: Duration,
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    pub healthy_threshold: NonZeroU32,
+    pub unhealthy_threshold: NonZeroU32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    /// GET this path; a 2xx answer is healthy.
+    Http {
+        path: String,
+    },
+    Tcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -161,10 +202,7 @@ pub struct Timeouts {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{}", Problems(.0))]
     Invalid(Vec<Problem>),
 }
@@ -187,10 +225,8 @@ impl fmt::Display for Problems<'_> {
 impl Config {
     /// Reads, expands `${VAR}` from the process environment, and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::parse(&text)
     }
 

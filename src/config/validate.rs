@@ -10,9 +10,7 @@ use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use super::file::{
-    DiscoveryKind, EndpointFile, EtcdFile, File, ListenerFile, ServiceFile, TimeoutsFile,
-};
+use super::file::{DiscoveryKind, EndpointFile, EtcdFile, File, ListenerFile, ServiceFile, TimeoutsFile};
 use super::locate::{Index, Pos, join_key};
 use super::*;
 
@@ -44,17 +42,9 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() {
-            "<file>"
-        } else {
-            &self.path
-        };
+        let path = if self.path.is_empty() { "<file>" } else { &self.path };
         match self.pos {
-            Some(p) => write!(
-                f,
-                "{path} (line {}, column {}): {}",
-                p.line, p.column, self.message
-            ),
+            Some(p) => write!(f, "{path} (line {}, column {}): {}", p.line, p.column, self.message),
             None => write!(f, "{path}: {}", self.message),
         }
     }
@@ -63,26 +53,19 @@ impl fmt::Display for Problem {
 pub fn parse(text: &str, env: HashMap<String, String>) -> Result<Config, Vec<Problem>> {
     let index = Index::build(text);
     let options = serde_saphyr::Options::default().with_properties(env);
-    let file: File = serde_saphyr::from_str_with_options(text, options)
-        .map_err(|e| vec![from_serde(&index, &e)])?;
-    let mut v = Validator {
-        index,
-        problems: Vec::new(),
-    };
+    let file: File =
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| vec![from_serde(&index, &e)])?;
+    let mut v = Validator { index, problems: Vec::new() };
     let config = v.config(file);
-    if v.problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(v.problems)
-    }
+    if v.problems.is_empty() { Ok(config) } else { Err(v.problems) }
 }
 
 /// A YAML or schema error: serde stops at the first one, so this is the only problem reported.
 fn from_serde(index: &Index, e: &serde_saphyr::Error) -> Problem {
-    let pos = e.location().filter(|l| l.line() > 0).map(|l| Pos {
-        line: l.line() as usize,
-        column: l.column() as usize,
-    });
+    let pos = e
+        .location()
+        .filter(|l| l.line() > 0)
+        .map(|l| Pos { line: l.line() as usize, column: l.column() as usize });
     let path = pos.and_then(|p| index.path_at(p)).unwrap_or_default();
     let text = e.without_snippet().to_string();
     let mut message = text.lines().next().unwrap_or_default();
@@ -95,8 +78,7 @@ fn from_serde(index: &Index, e: &serde_saphyr::Error) -> Problem {
     let mut message = message.replace("an interpolated field", key);
     if let Some(var) = message.strip_prefix("missing property ") {
         let var = var.trim_matches('`').to_string();
-        message =
-            format!("environment variable {var} is not set (give a default: ${{{var}:-value}})");
+        message = format!("environment variable {var} is not set (give a default: ${{{var}:-value}})");
     }
     Problem { path, pos, message }
 }
@@ -119,10 +101,7 @@ impl Validator {
 
     fn config(&mut self, f: File) -> Config {
         let admin = AdminConfig {
-            bind: self.addr(
-                "admin.bind",
-                f.admin.bind.as_deref().unwrap_or(defaults::ADMIN_BIND),
-            ),
+            bind: self.addr("admin.bind", f.admin.bind.as_deref().unwrap_or(defaults::ADMIN_BIND)),
         };
         let shutdown = ShutdownConfig {
             drain_window: self.duration(
@@ -144,7 +123,12 @@ impl Validator {
             .map(|(name, s)| {
                 let path = join_key("services", &name);
                 if !valid_name(&name) {
-                    self.problem(&path, format!("service name {name:?} must be non-empty ASCII letters, digits, '.', '_' or '-'"));
+                    self.problem(
+                        &path,
+                        format!(
+                            "service name {name:?} must be non-empty ASCII letters, digits, '.', '_' or '-'"
+                        ),
+                    );
                 }
                 let service = self.service(&path, s);
                 (name, service)
@@ -158,30 +142,79 @@ impl Validator {
             .collect();
         self.unique_listeners(&admin, &listeners);
         let etcd = f.etcd.map(|e| self.etcd(e));
-        let uses_etcd = services
-            .values()
-            .any(|s| matches!(s.discovery, DiscoveryConfig::Etcd { .. }));
+        let uses_etcd = services.values().any(|s| matches!(s.discovery, DiscoveryConfig::Etcd { .. }));
         if uses_etcd && etcd.is_none() {
-            self.problem(
-                "",
-                "services use `discovery: etcd` but there is no top-level `etcd` block",
+            self.problem("", "services use `discovery: etcd` but there is no top-level `etcd` block");
+        }
+        let register = f.register.map(|r| self.register(r));
+        if register.is_some() && etcd.is_none() {
+            self.problem("register", "registration needs the top-level `etcd` block");
+        }
+        Config { admin, shutdown, listeners, services, etcd, register }
+    }
+
+    fn register(&mut self, r: super::file::RegisterFile) -> RegisterConfig {
+        if !valid_name(&r.service) {
+            let msg = format!(
+                "service name {:?} must be non-empty ASCII letters, digits, '.', '_' or '-'",
+                r.service
             );
+            self.problem("register.service", msg);
         }
-        Config {
-            admin,
-            shutdown,
-            listeners,
-            services,
-            etcd,
+        let address = self.addr("register.address", &r.address);
+        let prefix = r.prefix.unwrap_or_else(|| format!("svc/{}/", r.service));
+        let secs = Duration::from_secs;
+        let lease_ttl = self.duration("register.lease_ttl", r.lease_ttl, secs(10), secs(2)..=secs(3600));
+        let deregistration_delay = self.duration(
+            "register.deregistration_delay",
+            r.deregistration_delay,
+            secs(2),
+            Duration::ZERO..=secs(120),
+        );
+        let h = r.health.unwrap_or_default();
+        let kind = match h.kind.as_deref().unwrap_or("http") {
+            "http" => HealthKind::Http { path: h.path.unwrap_or_else(|| "/".into()) },
+            "tcp" => HealthKind::Tcp,
+            other => {
+                self.problem(
+                    "register.health.kind",
+                    format!("unknown health check kind {other:?} (http or tcp)"),
+                );
+                HealthKind::Tcp
+            }
+        };
+        let ms = Duration::from_millis;
+        let health = HealthCheck {
+            kind,
+            addr: h.addr.map_or(address, |a| self.addr("register.health.addr", &a)),
+            interval: self.duration("register.health.interval", h.interval, secs(2), ms(50)..=secs(300)),
+            timeout: self.duration("register.health.timeout", h.timeout, secs(1), ms(10)..=secs(60)),
+            healthy_threshold: self.count("register.health.healthy_threshold", h.healthy_threshold, 1),
+            unhealthy_threshold: self.count("register.health.unhealthy_threshold", h.unhealthy_threshold, 3),
+        };
+        RegisterConfig {
+            key: format!("{prefix}{address}"),
+            service: r.service,
+            address,
+            weight: self.weight("register.weight", r.weight),
+            metadata: r.metadata,
+            lease_ttl,
+            deregistration_delay,
+            health,
         }
+    }
+
+    fn count(&mut self, path: &str, n: Option<u32>, default: u32) -> NonZeroU32 {
+        let n = n.unwrap_or(default);
+        NonZeroU32::new(n).filter(|n| n.get() <= 100).unwrap_or_else(|| {
+            self.problem(path, format!("must be between 1 and 100, got {n}"));
+            NonZeroU32::MIN
+        })
     }
 
     fn etcd(&mut self, e: EtcdFile) -> EtcdConfig {
         if e.endpoints.is_empty() {
-            self.problem(
-                "etcd.endpoints",
-                "list at least one etcd endpoint, e.g. http://127.0.0.1:2379",
-            );
+            self.problem("etcd.endpoints", "list at least one etcd endpoint, e.g. http://127.0.0.1:2379");
         }
         let scheme = if e.tls.is_some() { "https" } else { "http" };
         let endpoints = e
@@ -189,14 +222,8 @@ impl Validator {
             .iter()
             .enumerate()
             .map(|(i, url)| {
-                let url = if url.contains("://") {
-                    url.clone()
-                } else {
-                    format!("{scheme}://{url}")
-                };
-                let hostport = url
-                    .split_once("://")
-                    .map_or("", |(_, r)| r.trim_end_matches('/'));
+                let url = if url.contains("://") { url.clone() } else { format!("{scheme}://{url}") };
+                let hostport = url.split_once("://").map_or("", |(_, r)| r.trim_end_matches('/'));
                 if !hostport.contains(':') || hostport.contains('/') {
                     self.problem(
                         &format!("etcd.endpoints[{i}]"),
@@ -211,16 +238,9 @@ impl Validator {
         }
         let tls = e.tls.map(|t| {
             if t.cert.is_some() != t.key.is_some() {
-                self.problem(
-                    "etcd.tls",
-                    "a client certificate needs both `cert` and `key`",
-                );
+                self.problem("etcd.tls", "a client certificate needs both `cert` and `key`");
             }
-            EtcdTls {
-                ca: t.ca.map(Into::into),
-                cert: t.cert.map(Into::into),
-                key: t.key.map(Into::into),
-            }
+            EtcdTls { ca: t.ca.map(Into::into), cert: t.cert.map(Into::into), key: t.key.map(Into::into) }
         });
         let ms = Duration::from_millis(10);
         EtcdConfig {
@@ -263,11 +283,7 @@ impl Validator {
             let known: Vec<_> = services.keys().map(String::as_str).collect();
             self.problem(
                 &join_key(path, "service"),
-                format!(
-                    "unknown service {:?} (known: {})",
-                    l.service,
-                    known.join(", ")
-                ),
+                format!("unknown service {:?} (known: {})", l.service, known.join(", ")),
             );
         }
         ListenerConfig {
@@ -316,24 +332,15 @@ impl Validator {
                         "an empty prefix would watch the whole keyspace",
                     );
                 }
-                DiscoveryConfig::Etcd {
-                    prefix,
-                    selector: e.selector,
-                }
+                DiscoveryConfig::Etcd { prefix, selector: e.selector }
             }
             DiscoveryKind::Static => {
                 if s.etcd.is_some() {
-                    self.problem(
-                        &join_key(path, "etcd"),
-                        "`etcd` settings need `discovery: etcd`",
-                    );
+                    self.problem(&join_key(path, "etcd"), "`etcd` settings need `discovery: etcd`");
                 }
                 let endpoints_path = join_key(path, "endpoints");
                 let Some(endpoints) = s.endpoints else {
-                    self.problem(
-                        path,
-                        "static discovery needs an `endpoints` list (it may be empty)",
-                    );
+                    self.problem(path, "static discovery needs an `endpoints` list (it may be empty)");
                     return self.service_rest(
                         path,
                         DiscoveryConfig::Static { endpoints: vec![] },
@@ -342,9 +349,7 @@ impl Validator {
                         s.timeouts,
                     );
                 };
-                DiscoveryConfig::Static {
-                    endpoints: self.endpoints(&endpoints_path, endpoints),
-                }
+                DiscoveryConfig::Static { endpoints: self.endpoints(&endpoints_path, endpoints) }
             }
         };
         self.service_rest(path, discovery, s.load_balancing, s.protocol, s.timeouts)
@@ -368,12 +373,7 @@ impl Validator {
                 defaults::CONNECT,
                 ms..=Duration::from_secs(60),
             ),
-            request: self.duration(
-                &join_key(&tp, "request"),
-                t.request,
-                defaults::REQUEST,
-                ms..=hour,
-            ),
+            request: self.duration(&join_key(&tp, "request"), t.request, defaults::REQUEST, ms..=hour),
             idle: self.duration(&join_key(&tp, "idle"), t.idle, defaults::IDLE, ms..=hour),
             tcp_idle: self.duration(
                 &join_key(&tp, "tcp_idle"),
@@ -382,12 +382,7 @@ impl Validator {
                 Duration::from_secs(1)..=Duration::from_secs(86_400),
             ),
         };
-        ServiceConfig {
-            discovery,
-            load_balancing,
-            protocol,
-            timeouts,
-        }
+        ServiceConfig { discovery, load_balancing, protocol, timeouts }
     }
 
     fn endpoints(&mut self, path: &str, list: Vec<EndpointFile>) -> Vec<EndpointSpec> {
@@ -400,11 +395,7 @@ impl Validator {
                 self.problem(&join_key(&ep, "addr"), format!("duplicate endpoint {addr}"));
             }
             let weight = self.weight(&join_key(&ep, "weight"), e.weight);
-            out.push(EndpointSpec {
-                addr,
-                weight,
-                tags: e.tags,
-            });
+            out.push(EndpointSpec { addr, weight, tags: e.tags });
         }
         out
     }
@@ -423,7 +414,12 @@ impl Validator {
 
     fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
         text.trim().parse().unwrap_or_else(|_| {
-            self.problem(path, format!("{text:?} is not an IP:port address (e.g. 127.0.0.1:8080; host names are not resolved)"));
+            self.problem(
+                path,
+                format!(
+                    "{text:?} is not an IP:port address (e.g. 127.0.0.1:8080; host names are not resolved)"
+                ),
+            );
             SocketAddr::from(([0, 0, 0, 0], 0))
         })
     }
@@ -439,18 +435,13 @@ impl Validator {
         let d = match humantime::parse_duration(text.trim()) {
             Ok(d) => d,
             Err(e) => {
-                self.problem(
-                    path,
-                    format!("{text:?} is not a duration ({e}); use e.g. 250ms, 5s, 1m"),
-                );
+                self.problem(path, format!("{text:?} is not a duration ({e}); use e.g. 250ms, 5s, 1m"));
                 return default;
             }
         };
         if !range.contains(&d) {
-            let (lo, hi) = (
-                humantime::format_duration(*range.start()),
-                humantime::format_duration(*range.end()),
-            );
+            let (lo, hi) =
+                (humantime::format_duration(*range.start()), humantime::format_duration(*range.end()));
             self.problem(path, format!("{text} is out of range ({lo} to {hi})"));
         }
         d
@@ -465,8 +456,5 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

@@ -30,14 +30,9 @@ pub enum DecodeError {
 /// Endpoints in one value (go-micro may list several nodes). `protocol` chooses among the
 /// schemes a Kratos instance advertises (`grpc://` for http2, `http://` for http1).
 pub fn decode(value: &[u8], protocol: UpstreamProtocol) -> Result<Vec<EndpointSpec>, DecodeError> {
-    let text = std::str::from_utf8(value)
-        .map_err(|_| DecodeError::NotUtf8)?
-        .trim();
+    let text = std::str::from_utf8(value).map_err(|_| DecodeError::NotUtf8)?.trim();
     if !text.starts_with('{') {
-        return Ok(vec![spec(address(text)?, None, BTreeMap::new())]
-            .into_iter()
-            .flatten()
-            .collect());
+        return Ok(vec![spec(address(text)?, None, BTreeMap::new())].into_iter().flatten().collect());
     }
     let json: Map<String, Value> =
         serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
@@ -63,10 +58,9 @@ fn naming(addr: &str, metadata: Option<&Value>) -> Result<Vec<EndpointSpec>, Dec
         for (k, v) in m {
             match (k.as_str(), v) {
                 ("weight", v) => weight = weight_of(v),
-                ("tags", Value::Object(t)) => tags.extend(
-                    t.iter()
-                        .filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v))),
-                ),
+                ("tags", Value::Object(t)) => {
+                    tags.extend(t.iter().filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v))))
+                }
                 (k, v) => tags.extend(scalar(v).map(|v| (k.to_string(), v))),
             }
         }
@@ -90,11 +84,7 @@ fn kratos(
         .or(urls.first())
         .ok_or(DecodeError::Empty)?;
     let mut tags = string_map(json.get("metadata"));
-    if let Some(v) = json
-        .get("version")
-        .and_then(scalar)
-        .filter(|v| !v.is_empty())
-    {
+    if let Some(v) = json.get("version").and_then(scalar).filter(|v| !v.is_empty()) {
         tags.insert("version".into(), v);
     }
     let weight = tags.get("weight").and_then(|w| w.parse().ok());
@@ -104,36 +94,23 @@ fn kratos(
 fn micro(nodes: &[Value]) -> Result<Vec<EndpointSpec>, DecodeError> {
     let mut out = Vec::new();
     for node in nodes {
-        let addr = node
-            .get("address")
-            .and_then(Value::as_str)
-            .ok_or(DecodeError::Empty)?;
+        let addr = node.get("address").and_then(Value::as_str).ok_or(DecodeError::Empty)?;
         let tags = string_map(node.get("metadata"));
         let weight = tags.get("weight").and_then(|w| w.parse().ok());
         out.extend(spec(address(addr)?, weight, tags));
     }
-    if out.is_empty() {
-        Err(DecodeError::Empty)
-    } else {
-        Ok(out)
-    }
+    if out.is_empty() { Err(DecodeError::Empty) } else { Ok(out) }
 }
 
 /// `host:port`, or a URL (`scheme://host:port/path`) whose host is an IP.
 fn address(text: &str) -> Result<SocketAddr, DecodeError> {
     let rest = text.split_once("://").map_or(text, |(_, r)| r);
     let hostport = rest.split(['/', '?']).next().unwrap_or_default();
-    hostport
-        .parse()
-        .map_err(|_| DecodeError::Address(text.to_string()))
+    hostport.parse().map_err(|_| DecodeError::Address(text.to_string()))
 }
 
 /// Weight 0 means "drained": the instance is listed but takes no traffic, so it is left out.
-fn spec(
-    addr: SocketAddr,
-    weight: Option<u64>,
-    tags: BTreeMap<String, String>,
-) -> Option<EndpointSpec> {
+fn spec(addr: SocketAddr, weight: Option<u64>, tags: BTreeMap<String, String>) -> Option<EndpointSpec> {
     let weight = match weight {
         None => NonZeroU32::MIN,
         Some(w) => NonZeroU32::new(w.min(u64::from(crate::config::defaults::MAX_WEIGHT)) as u32)?,
@@ -142,8 +119,7 @@ fn spec(
 }
 
 fn weight_of(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
 fn scalar(v: &Value) -> Option<String> {
@@ -157,10 +133,7 @@ fn scalar(v: &Value) -> Option<String> {
 
 fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
     match v {
-        Some(Value::Object(m)) => m
-            .iter()
-            .filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v)))
-            .collect(),
+        Some(Value::Object(m)) => m.iter().filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v))).collect(),
         _ => BTreeMap::new(),
     }
 }
@@ -190,10 +163,7 @@ mod tests {
     #[test]
     fn go_zero_plain_address_and_go_kit_url() {
         assert_eq!(one("10.0.0.1:9000").addr.to_string(), "10.0.0.1:9000");
-        assert_eq!(
-            one(" http://10.0.0.2:80/api/v1\n").addr.to_string(),
-            "10.0.0.2:80"
-        );
+        assert_eq!(one(" http://10.0.0.2:80/api/v1\n").addr.to_string(), "10.0.0.2:80");
     }
 
     #[test]
@@ -217,32 +187,17 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in [
-            "",
-            "not an address",
-            "{",
-            r#"{"foo":1}"#,
-            r#"{"Addr":"db.internal:5432"}"#,
-            "\u{0}\u{1}",
-        ] {
-            assert!(
-                decode(bad.as_bytes(), UpstreamProtocol::Http1).is_err(),
-                "{bad:?} decoded"
-            );
+        for bad in ["", "not an address", "{", r#"{"foo":1}"#, r#"{"Addr":"db.internal:5432"}"#, "\u{0}\u{1}"]
+        {
+            assert!(decode(bad.as_bytes(), UpstreamProtocol::Http1).is_err(), "{bad:?} decoded");
         }
-        assert_eq!(
-            decode(&[0xff, 0xfe], UpstreamProtocol::Http1),
-            Err(DecodeError::NotUtf8)
-        );
+        assert_eq!(decode(&[0xff, 0xfe], UpstreamProtocol::Http1), Err(DecodeError::NotUtf8));
     }
 
     #[test]
     fn weight_zero_means_drained() {
-        let all = decode(
-            br#"{"Addr":"10.0.0.6:80","Metadata":{"weight":0}}"#,
-            UpstreamProtocol::Http1,
-        )
-        .unwrap();
+        let all =
+            decode(br#"{"Addr":"10.0.0.6:80","Metadata":{"weight":0}}"#, UpstreamProtocol::Http1).unwrap();
         assert!(all.is_empty());
     }
 }

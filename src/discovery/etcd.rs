@@ -46,7 +46,7 @@ pub struct WatchStatus {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum WatchError {
+pub(crate) enum WatchError {
     #[error(transparent)]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
@@ -87,9 +87,7 @@ impl WatchStatus {
 
     pub fn to_json(&self) -> serde_json::Value {
         let (state, updated) = *self.lock();
-        let since = updated
-            .and_then(|t| t.elapsed().ok())
-            .map(|d| d.as_secs_f64());
+        let since = updated.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64());
         serde_json::json!({
             "state": state,
             "revision": self.revision.load(Ordering::Relaxed),
@@ -103,23 +101,12 @@ impl WatchStatus {
 // === impl Watch ===
 
 impl Watch {
-    pub async fn run(
-        self,
-        balancer: Arc<Balancer>,
-        status: Arc<WatchStatus>,
-        stop: CancellationToken,
-    ) {
+    pub async fn run(self, balancer: Arc<Balancer>, status: Arc<WatchStatus>, stop: CancellationToken) {
         status.set_state("connecting");
         if let Some(snap) = self.load_snapshot() {
             tracing::warn!(service = %self.service, revision = snap.revision, endpoints = snap.endpoints.len(),
                 "serving the last-known-good snapshot until etcd answers");
-            balancer.update(
-                &snap
-                    .endpoints
-                    .into_iter()
-                    .map(Into::into)
-                    .collect::<Vec<_>>(),
-            );
+            balancer.update(&snap.endpoints.into_iter().map(Into::into).collect::<Vec<_>>());
             status.set_state("snapshot");
         }
         let mut attempt = 0u32;
@@ -148,16 +135,12 @@ impl Watch {
         status: &WatchStatus,
         attempt: &mut u32,
     ) -> Result<std::convert::Infallible, WatchError> {
-        let mut client = self.connect().await?;
+        let mut client = connect(&self.cluster).await?;
         let mut values = BTreeMap::new();
-        let mut revision = self
-            .list(&mut client, &mut values, balancer, status)
-            .await?;
+        let mut revision = self.list(&mut client, &mut values, balancer, status).await?;
         *attempt = 0;
         loop {
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1);
+            let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
             let mut stream = client.watch(self.prefix.as_str(), Some(options)).await?;
             status.set_state("watching");
             loop {
@@ -167,9 +150,7 @@ impl Watch {
                 if resp.canceled() {
                     if resp.compact_revision() > 0 {
                         tracing::info!(service = %self.service, compacted = resp.compact_revision(), "watch fell behind a compaction; re-listing");
-                        revision = self
-                            .list(&mut client, &mut values, balancer, status)
-                            .await?;
+                        revision = self.list(&mut client, &mut values, balancer, status).await?;
                         break;
                     }
                     return Err(WatchError::Ended(resp.cancel_reason().to_string()));
@@ -197,26 +178,6 @@ impl Watch {
         }
     }
 
-    async fn connect(&self) -> Result<Client, WatchError> {
-        let c = &self.cluster;
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(c.dial_timeout)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        if let (Some(user), Some(password)) = (&c.username, &c.password) {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        if let Some(tls) = &c.tls {
-            options = options.with_tls(tls_options(tls)?);
-        }
-        let connect = Client::connect(c.endpoints.clone(), Some(options));
-        tokio::time::timeout(c.dial_timeout + c.request_timeout, connect)
-            .await
-            .map_err(|_| WatchError::Timeout(c.dial_timeout + c.request_timeout))?
-            .map_err(Into::into)
-    }
-
     /// Reads the whole prefix, publishes it, and returns the revision it was read at.
     async fn list(
         &self,
@@ -227,15 +188,10 @@ impl Watch {
     ) -> Result<i64, WatchError> {
         let timeout = self.cluster.request_timeout;
         let get = client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()));
-        let resp = tokio::time::timeout(timeout, get)
-            .await
-            .map_err(|_| WatchError::Timeout(timeout))??;
+        let resp = tokio::time::timeout(timeout, get).await.map_err(|_| WatchError::Timeout(timeout))??;
         values.clear();
         for kv in resp.kvs() {
-            values.insert(
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            );
+            values.insert(String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec());
         }
         let revision = resp.header().map_or(0, |h| h.revision());
         self.publish(values, revision, balancer, status);
@@ -254,11 +210,9 @@ impl Watch {
         let mut endpoints = Vec::new();
         for (key, value) in values {
             match decode(value, self.protocol) {
-                Ok(found) => endpoints.extend(
-                    found
-                        .into_iter()
-                        .filter(|e| self.selected(e) && seen.insert(e.addr)),
-                ),
+                Ok(found) => {
+                    endpoints.extend(found.into_iter().filter(|e| self.selected(e) && seen.insert(e.addr)))
+                }
                 Err(e) => {
                     status.undecodable.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(service = %self.service, %key, "skipping undecodable etcd value: {e}");
@@ -297,10 +251,7 @@ impl Watch {
         let Some(path) = self.snapshot_path() else {
             return;
         };
-        let snap = Snapshot {
-            revision,
-            endpoints: endpoints.iter().map(Into::into).collect(),
-        };
+        let snap = Snapshot { revision, endpoints: endpoints.iter().map(Into::into).collect() };
         let tmp = path.with_extension("json.tmp");
         let result = serde_json::to_vec(&snap)
             .map_err(std::io::Error::other)
@@ -313,6 +264,26 @@ impl Watch {
             tracing::warn!(path = %path.display(), "cannot write the endpoint snapshot: {e}");
         }
     }
+}
+
+/// A client for `c` whose calls fail instead of hanging on a dead or partitioned member:
+/// HTTP/2 keepalives on an idle channel, and watches that require a leader. Shared with
+/// registration.
+pub(crate) async fn connect(c: &EtcdConfig) -> Result<Client, WatchError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(c.dial_timeout)
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    if let (Some(user), Some(password)) = (&c.username, &c.password) {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    if let Some(tls) = &c.tls {
+        options = options.with_tls(tls_options(tls)?);
+    }
+    let limit = c.dial_timeout + c.request_timeout;
+    let connect = Client::connect(c.endpoints.clone(), Some(options));
+    tokio::time::timeout(limit, connect).await.map_err(|_| WatchError::Timeout(limit))?.map_err(Into::into)
 }
 
 fn tls_options(tls: &crate::config::EtcdTls) -> Result<etcd_client::TlsOptions, WatchError> {
@@ -332,30 +303,20 @@ fn tls_options(tls: &crate::config::EtcdTls) -> Result<etcd_client::TlsOptions, 
 
 /// Full jitter: a random delay up to `base × 2^attempt`, capped.
 fn backoff(attempt: u32) -> Duration {
-    let cap = BACKOFF_BASE
-        .saturating_mul(1 << attempt.min(16))
-        .min(BACKOFF_MAX);
+    let cap = BACKOFF_BASE.saturating_mul(1 << attempt.min(16)).min(BACKOFF_MAX);
     cap.mul_f64(fastrand::f64()).max(Duration::from_millis(10))
 }
 
 impl From<&EndpointSpec> for SnapshotEndpoint {
     fn from(e: &EndpointSpec) -> Self {
-        SnapshotEndpoint {
-            addr: e.addr,
-            weight: e.weight.get(),
-            tags: e.tags.clone(),
-        }
+        SnapshotEndpoint { addr: e.addr, weight: e.weight.get(), tags: e.tags.clone() }
     }
 }
 
 impl From<SnapshotEndpoint> for EndpointSpec {
     fn from(e: SnapshotEndpoint) -> Self {
         let weight = std::num::NonZeroU32::new(e.weight).unwrap_or(std::num::NonZeroU32::MIN);
-        EndpointSpec {
-            addr: e.addr,
-            weight,
-            tags: e.tags,
-        }
+        EndpointSpec { addr: e.addr, weight, tags: e.tags }
     }
 }
 

@@ -25,11 +25,7 @@ pub struct Discovery {
 
 /// What a source depends on: a static list only on itself; an etcd watch also on the
 /// cluster settings and the upstream protocol (Kratos values offer one address per scheme).
-type Key = (
-    DiscoveryConfig,
-    Option<EtcdConfig>,
-    Option<UpstreamProtocol>,
-);
+type Key = (DiscoveryConfig, Option<EtcdConfig>, Option<UpstreamProtocol>);
 
 fn key(config: &DiscoveryConfig, etcd: Option<&EtcdConfig>, protocol: UpstreamProtocol) -> Key {
     match config {
@@ -60,11 +56,7 @@ impl Discovery {
                     );
                 }
                 balancer.update(endpoints);
-                Discovery {
-                    key,
-                    etcd: None,
-                    _stop: None,
-                }
+                Discovery { key, etcd: None, _stop: None }
             }
             (DiscoveryConfig::Etcd { prefix, selector }, Some(cluster)) => {
                 let stop = CancellationToken::new();
@@ -77,20 +69,12 @@ impl Discovery {
                 };
                 let status = Arc::new(etcd::WatchStatus::default());
                 tokio::spawn(watch.run(balancer.clone(), status.clone(), stop.clone()));
-                Discovery {
-                    key,
-                    etcd: Some(status),
-                    _stop: Some(stop.drop_guard()),
-                }
+                Discovery { key, etcd: Some(status), _stop: Some(stop.drop_guard()) }
             }
             (DiscoveryConfig::Etcd { .. }, None) => {
                 // Validation rejects this; keep the service empty rather than panic.
                 tracing::error!(service, "discovery: etcd without an etcd block");
-                Discovery {
-                    key,
-                    etcd: None,
-                    _stop: None,
-                }
+                Discovery { key, etcd: None, _stop: None }
             }
         }
     }

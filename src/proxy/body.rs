@@ -25,10 +25,7 @@ pub enum ProxyBody {
 
 impl ProxyBody {
     pub fn upstream(inner: Incoming, in_flight: InFlight) -> Self {
-        ProxyBody::Upstream {
-            inner,
-            in_flight: Some(in_flight),
-        }
+        ProxyBody::Upstream { inner, in_flight: Some(in_flight) }
     }
 
     pub fn local(bytes: Bytes) -> Self {
@@ -56,9 +53,7 @@ impl Body for ProxyBody {
                 }
                 poll
             }
-            ProxyBody::Local(full) => Pin::new(full)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
+            ProxyBody::Local(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
         }
     }
 

@@ -56,9 +56,7 @@ impl ProxyError {
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
         match self {
-            ProxyError::Connect(a, _) | ProxyError::Timeout(a, _) | ProxyError::Upstream(a, _) => {
-                Some(*a)
-            }
+            ProxyError::Connect(a, _) | ProxyError::Timeout(a, _) | ProxyError::Upstream(a, _) => Some(*a),
             ProxyError::NoEndpoints(_) | ProxyError::BadRequest(_) => None,
         }
     }
@@ -69,10 +67,7 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         resp
     }
 }

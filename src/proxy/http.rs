@@ -37,14 +37,8 @@ pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody
     }
 }
 
-async fn forward(
-    up: &Upstream,
-    mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let in_flight = up
-        .balancer
-        .pick()
-        .ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
+async fn forward(up: &Upstream, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    let in_flight = up.balancer.pick().ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
     let addr = in_flight.addr();
     let upgrade = wants_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -55,8 +49,7 @@ async fn forward(
         Ok(Err(e)) => return Err(classify(addr, &e)),
         Ok(Ok(resp)) => resp,
     };
-    if let Some(downstream) =
-        downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+    if let Some(downstream) = downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
     {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(tunnel(downstream, upstream, in_flight));
@@ -77,18 +70,11 @@ fn outbound(
     let (mut parts, body) = req.into_parts();
     // HTTP/2 requests carry the host in the URI only; an HTTP/1.1 upstream needs a Host header.
     if !parts.headers.contains_key(header::HOST)
-        && let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        && let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
         parts.headers.insert(header::HOST, host);
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(endpoint.authority().clone());
@@ -121,9 +107,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// §7.6.1): those named in `Connection`, and the fixed set below. `TE: trailers` is kept
 /// (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let upgrade = keep_upgrade
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
+    let upgrade = keep_upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -137,18 +121,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(header::CONNECTION);
     }
-    for name in [
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-    ] {
+    for name in [header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE] {
         headers.remove(name);
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| connection_value_has(v, "trailers"));
+    let te_trailers = headers.get(header::TE).is_some_and(|v| connection_value_has(v, "trailers"));
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -160,17 +138,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 fn connection_value_has(v: &HeaderValue, token: &str) -> bool {
-    v.to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 fn classify(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Error) -> ProxyError {
     let detail = error_chain(e);
-    if e.is_connect() {
-        ProxyError::Connect(addr, detail)
-    } else {
-        ProxyError::Upstream(addr, detail)
-    }
+    if e.is_connect() { ProxyError::Connect(addr, detail) } else { ProxyError::Upstream(addr, detail) }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -210,17 +183,11 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);

@@ -63,19 +63,12 @@ impl Upstream {
             Some(p) if same_client(&p.config, &config) => p.client.clone(),
             _ => client(&config),
         };
-        Upstream {
-            name: name.into(),
-            config,
-            balancer,
-            client,
-        }
+        Upstream { name: name.into(), config, balancer, client }
     }
 }
 
 fn same_client(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.protocol == b.protocol
-        && a.timeouts.connect == b.timeouts.connect
-        && a.timeouts.idle == b.timeouts.idle
+    a.protocol == b.protocol && a.timeouts.connect == b.timeouts.connect && a.timeouts.idle == b.timeouts.idle
 }
 
 fn client(config: &ServiceConfig) -> HttpClient {
@@ -107,20 +100,9 @@ impl Listener {
         let local_addr = socket.local_addr()?;
         let route = Arc::new(ArcSwap::new(route));
         let stop = parent.child_token();
-        tracker.spawn(accept_loop(
-            socket,
-            config.protocol,
-            route.clone(),
-            tracker.clone(),
-            stop.clone(),
-        ));
+        tracker.spawn(accept_loop(socket, config.protocol, route.clone(), tracker.clone(), stop.clone()));
         tracing::info!(listener = %config.name, addr = %local_addr, protocol = ?config.protocol, service = %config.service, "listening");
-        Ok(Listener {
-            config,
-            local_addr,
-            route,
-            stop,
-        })
+        Ok(Listener { config, local_addr, route, stop })
     }
 
     /// Stops accepting; open connections finish their in-flight requests, then close.
@@ -151,16 +133,11 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         match protocol {
-            ListenerProtocol::Http => {
-                tracker.spawn(serve_http(stream, route.clone(), stop.clone()))
-            }
+            ListenerProtocol::Http => tracker.spawn(serve_http(stream, route.clone(), stop.clone())),
             ListenerProtocol::Tcp => tracker.spawn(tcp::handle(route.load_full(), stream)),
         };
     }
-    let addr = socket
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
     drop(socket);
     tracing::info!(%addr, "listener closed: new connections are refused");
 }

@@ -24,8 +24,7 @@ pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     };
     let addr = in_flight.addr();
     let timeouts = &up.config.timeouts;
-    let mut outbound = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await
-    {
+    let mut outbound = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_failed", "tcp connect failed: {e}");
@@ -61,14 +60,8 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let clock = Activity::new();
-    let mut a = Watched {
-        inner: a,
-        clock: &clock,
-    };
-    let mut b = Watched {
-        inner: b,
-        clock: &clock,
-    };
+    let mut a = Watched { inner: a, clock: &clock };
+    let mut b = Watched { inner: b, clock: &clock };
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut a, &mut b) => r.map(Some),
         () = clock.idle_for(idle) => Ok(None),
@@ -83,15 +76,11 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
+        Activity { base: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
-        self.last_ms
-            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Resolves once nothing has moved for `idle`.
@@ -159,9 +148,7 @@ mod tests {
         let (mut app, mut a) = duplex(64);
         let (mut b, mut server) = duplex(64);
         let copy =
-            tokio::spawn(
-                async move { copy_until_idle(&mut a, &mut b, Duration::from_secs(10)).await },
-            );
+            tokio::spawn(async move { copy_until_idle(&mut a, &mut b, Duration::from_secs(10)).await });
         app.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         server.read_exact(&mut buf).await.unwrap();

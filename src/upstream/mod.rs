@@ -68,11 +68,7 @@ impl EndpointState {
     fn new(addr: SocketAddr) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid"));
-        EndpointState {
-            addr,
-            authority,
-            in_flight: AtomicUsize::new(0),
-        }
+        EndpointState { addr, authority, in_flight: AtomicUsize::new(0) }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -82,9 +78,7 @@ impl EndpointState {
     /// Counts a request (or TCP connection) until the returned guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            state: self.clone(),
-        }
+        InFlight { state: self.clone() }
     }
 }
 
@@ -110,11 +104,7 @@ impl Drop for InFlight {
 
 impl Balancer {
     pub fn new(policy: Policy) -> Self {
-        let snapshot = Snapshot {
-            endpoints: Vec::new(),
-            picker: Picker::build(policy, &[]),
-            synced: false,
-        };
+        let snapshot = Snapshot { endpoints: Vec::new(), picker: Picker::build(policy, &[]), synced: false };
         Balancer {
             snapshot: ArcSwap::from_pointee(snapshot),
             counter: AtomicUsize::new(0),
@@ -167,11 +157,7 @@ impl Balancer {
 
     fn store(&self, policy: Policy, endpoints: Vec<Endpoint>, synced: bool) {
         let picker = Picker::build(policy, &endpoints);
-        self.snapshot.store(Arc::new(Snapshot {
-            endpoints,
-            picker,
-            synced,
-        }));
+        self.snapshot.store(Arc::new(Snapshot { endpoints, picker, synced }));
     }
 
     /// Endpoint view for the admin `/upstreams` page.
@@ -255,9 +241,7 @@ pub(crate) mod tests {
         let b = Balancer::new(Policy::WeightedRoundRobin);
         b.update(&specs(&[1, 1]));
         b.update(&specs(&[3, 1]));
-        let picks: Vec<_> = (0..8)
-            .map(|_| b.pick().unwrap().addr().port() - 10_000)
-            .collect();
+        let picks: Vec<_> = (0..8).map(|_| b.pick().unwrap().addr().port() - 10_000).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 6);
     }
 }

@@ -78,10 +78,7 @@ fn weighted(endpoints: &[Endpoint]) -> Picker {
             Some(*acc)
         })
         .collect();
-    Picker::Stride {
-        cumulative,
-        step: golden_step(total),
-    }
+    Picker::Stride { cumulative, step: golden_step(total) }
 }
 
 /// One period of nginx's smooth weighted round-robin: each step adds every weight to its
@@ -126,22 +123,12 @@ fn least_request(endpoints: &[Endpoint]) -> usize {
         let start = fastrand::usize(..n);
         return (0..n)
             .map(|k| (start + k) % n)
-            .reduce(|best, i| {
-                if lighter(&endpoints[i], &endpoints[best]) {
-                    i
-                } else {
-                    best
-                }
-            })
+            .reduce(|best, i| if lighter(&endpoints[i], &endpoints[best]) { i } else { best })
             .unwrap_or(0);
     }
     let a = fastrand::usize(..n);
     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-    if lighter(&endpoints[b], &endpoints[a]) {
-        b
-    } else {
-        a
-    }
+    if lighter(&endpoints[b], &endpoints[a]) { b } else { a }
 }
 
 /// `(in_flight_a + 1) / weight_a < (in_flight_b + 1) / weight_b`, without division.
@@ -157,9 +144,7 @@ mod tests {
 
     fn sequence(picker: &Picker, eps: &[Endpoint], n: usize) -> Vec<usize> {
         let counter = AtomicUsize::new(0);
-        (0..n)
-            .map(|_| picker.pick(eps, &counter).unwrap())
-            .collect()
+        (0..n).map(|_| picker.pick(eps, &counter).unwrap()).collect()
     }
 
     #[test]
@@ -184,9 +169,7 @@ mod tests {
         weights[1] = 1;
         let eps = endpoints(&weights);
         let picker = Picker::build(Policy::WeightedRoundRobin, &eps);
-        let Picker::Stride { cumulative, .. } = &picker else {
-            panic!("expected stride")
-        };
+        let Picker::Stride { cumulative, .. } = &picker else { panic!("expected stride") };
         let total = cumulative[cumulative.len() - 1] as usize;
         let mut counts = vec![0usize; eps.len()];
         for i in sequence(&picker, &eps, total) {

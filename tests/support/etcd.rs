@@ -32,18 +32,8 @@ impl Etcd {
         let mut child = Command::new("etcd")
             .args(["--name", "test", "--data-dir"])
             .arg(self.data.path())
-            .args([
-                "--listen-client-urls",
-                &self.url,
-                "--advertise-client-urls",
-                &self.url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
+            .args(["--listen-client-urls", &self.url, "--advertise-client-urls", &self.url])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -65,9 +55,7 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.url.as_str()], None)
-            .await
-            .expect("etcd client connects")
+        etcd_client::Client::connect([self.url.as_str()], None).await.expect("etcd client connects")
     }
 
     /// SIGKILL, as a crash would.
@@ -99,10 +87,7 @@ fn lines(stderr: std::process::ChildStderr) -> mpsc::UnboundedReceiver<String> {
     use std::io::BufRead;
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }

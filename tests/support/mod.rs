@@ -29,19 +29,14 @@ use tokio::net::TcpListener;
 
 pub type TestBody = BoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Handler = Arc<
-    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
-        + Send
-        + Sync,
->;
+type Handler =
+    Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>> + Send + Sync>;
 
 /// Bounds every await in tests: a hang fails the test instead of stalling CI.
 pub const LIMIT: Duration = Duration::from_secs(30);
 
 pub async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test step timed out")
+    tokio::time::timeout(LIMIT, f).await.expect("test step timed out")
 }
 
 /// A real HTTP/1.1 + h2c server on a loopback port the OS picked.
@@ -116,9 +111,7 @@ pub async fn start_app(yaml: &str) -> App {
 
 pub async fn start_app_with_file(path: &std::path::Path) -> App {
     let config = Config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    App::start(config, Some(path.to_path_buf()))
-        .await
-        .expect("app starts")
+    App::start(config, Some(path.to_path_buf())).await.expect("app starts")
 }
 
 /// YAML for one listener `front` on port 0 in front of service `svc`.
@@ -142,23 +135,15 @@ pub fn client() -> Client<HttpConnector, TestBody> {
 }
 
 pub fn h2c_client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(HttpConnector::new())
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
 }
 
-pub async fn get(
-    client: &Client<HttpConnector, TestBody>,
-    url: &str,
-) -> (u16, http::HeaderMap, String) {
+pub async fn get(client: &Client<HttpConnector, TestBody>, url: &str) -> (u16, http::HeaderMap, String) {
     let req = Request::get(url).body(empty()).unwrap();
     let resp = within(client.request(req)).await.expect("request succeeds");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = within(resp.into_body().collect())
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = within(resp.into_body().collect()).await.expect("body").to_bytes();
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -172,10 +157,7 @@ pub const CHUNK: usize = 64 * 1024;
 
 impl Pattern {
     pub fn chunk(offset: usize, len: usize) -> Bytes {
-        (0..len)
-            .map(|i| ((offset + i) % 251) as u8)
-            .collect::<Vec<_>>()
-            .into()
+        (0..len).map(|i| ((offset + i) % 251) as u8).collect::<Vec<_>>().into()
     }
 
     /// sha256 of the first `total` bytes of the pattern.

@@ -1,0 +1,283 @@
+//! Registration of the local app in etcd: health-gated, leased, withdrawn on shutdown.
+//!
+//! The key (`<prefix><address>`, etcd's naming format) exists only while the app passes its
+//! health gate. It is attached to a lease that a keepalive refreshes, so a crashed Outrider's
+//! key disappears when the lease lapses (no ghost nodes). A lost lease, a key someone deleted,
+//! or a broken connection leads to a fresh registration on the next healthy check.
+//! Must not: register an app that has not passed its gate, or outlive shutdown's withdrawal.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcd_client::{
+    Client, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions, WatchStream,
+};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EtcdConfig, HealthCheck, HealthKind, RegisterConfig};
+use crate::discovery::etcd::connect;
+
+/// The running registration task.
+#[derive(Debug)]
+pub struct Registrar {
+    pub config: (RegisterConfig, EtcdConfig),
+    state: Arc<Mutex<&'static str>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// A live registration: the lease, its keepalive, and a watch on our own key.
+struct Lease {
+    client: Client,
+    id: i64,
+    keeper: LeaseKeeper,
+    acks: LeaseKeepAliveStream,
+    watch: WatchStream,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+// === impl Registrar ===
+
+impl Registrar {
+    pub fn start(register: RegisterConfig, etcd: EtcdConfig) -> Registrar {
+        let state = Arc::new(Mutex::new("waiting_for_health"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(register.clone(), etcd.clone(), state.clone(), stop.clone()));
+        Registrar { config: (register, etcd), state, stop, task }
+    }
+
+    /// `waiting_for_health`, `registered`, `withdrawn` (gate failing) or `error`.
+    pub fn state(&self) -> &'static str {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deletes the key and revokes the lease, then returns.
+    pub async fn withdraw(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    cfg: RegisterConfig,
+    etcd: EtcdConfig,
+    state: Arc<Mutex<&'static str>>,
+    stop: CancellationToken,
+) {
+    let set = |s: &'static str| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    let prober = Prober::new(&cfg.health);
+    let mut gate = Gate::default();
+    let mut lease: Option<Lease> = None;
+    let mut check = tokio::time::interval(cfg.health.interval);
+    let mut keepalive = tokio::time::interval(cfg.lease_ttl / 3);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                if let Some(l) = lease.take() {
+                    l.delete(&cfg, &etcd).await;
+                }
+                return;
+            }
+            _ = check.tick() => {
+                let healthy = gate.observe(prober.probe().await, &cfg.health);
+                match (healthy, lease.is_some()) {
+                    (true, false) => match Lease::register(&cfg, &etcd).await {
+                        Ok(l) => {
+                            tracing::info!(key = %cfg.key, "registered the app in etcd");
+                            lease = Some(l);
+                            set("registered");
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %cfg.key, "registration failed, retrying: {e}");
+                            set("error");
+                        }
+                    },
+                    (false, true) => {
+                        tracing::warn!(key = %cfg.key, "app failed its health gate: withdrawing the key");
+                        set("withdrawn");
+                        if let Some(l) = lease.take() {
+                            l.delete(&cfg, &etcd).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ = keepalive.tick(), if lease.is_some() => {
+                let Some(l) = lease.as_mut() else { continue };
+                if let Err(e) = l.keep_alive().await {
+                    tracing::warn!(key = %cfg.key, "lease lost, re-registering: {e}");
+                    lease = None;
+                    set("error");
+                }
+            }
+            changed = watch_own_key(&mut lease) => {
+                if let Err(e) = changed {
+                    tracing::warn!(key = %cfg.key, "registration needs renewing: {e}");
+                    lease = None;
+                    set("error");
+                } else if let Some(l) = lease.as_mut() {
+                    tracing::warn!(key = %cfg.key, "our key was deleted by someone else: writing it again");
+                    if let Err(e) = l.put(&cfg).await {
+                        tracing::warn!(key = %cfg.key, "re-registration failed: {e}");
+                        lease = None;
+                        set("error");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when our key was deleted (`Ok`) or the watch broke (`Err`); pends without a lease.
+async fn watch_own_key(lease: &mut Option<Lease>) -> Result<(), Error> {
+    let Some(l) = lease.as_mut() else { return std::future::pending().await };
+    loop {
+        let resp = l.watch.message().await?.ok_or("watch closed")?;
+        if resp.canceled() {
+            return Err(format!("watch canceled: {}", resp.cancel_reason()).into());
+        }
+        if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+            return Ok(());
+        }
+    }
+}
+
+// === impl Lease ===
+
+impl Lease {
+    async fn register(cfg: &RegisterConfig, etcd: &EtcdConfig) -> Result<Lease, Error> {
+        let mut client = connect(etcd).await?;
+        let t = etcd.request_timeout;
+        let grant =
+            tokio::time::timeout(t, client.lease_grant(cfg.lease_ttl.as_secs() as i64, None)).await??;
+        let (keeper, acks) = client.lease_keep_alive(grant.id()).await?;
+        let watch = client.watch(cfg.key.as_str(), Some(WatchOptions::new())).await?;
+        let mut lease = Lease { client, id: grant.id(), keeper, acks, watch };
+        lease.put(cfg).await?;
+        Ok(lease)
+    }
+
+    async fn put(&mut self, cfg: &RegisterConfig) -> Result<(), Error> {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("weight".into(), cfg.weight.get().into());
+        for (k, v) in &cfg.metadata {
+            metadata.insert(k.clone(), v.clone().into());
+        }
+        let value = serde_json::json!({ "Op": 0, "Addr": cfg.address.to_string(), "Metadata": metadata });
+        let put =
+            self.client.put(cfg.key.as_str(), value.to_string(), Some(PutOptions::new().with_lease(self.id)));
+        tokio::time::timeout(Duration::from_secs(5), put).await??;
+        Ok(())
+    }
+
+    async fn keep_alive(&mut self) -> Result<(), Error> {
+        self.keeper.keep_alive().await?;
+        let ack = tokio::time::timeout(Duration::from_secs(5), self.acks.message()).await??;
+        match ack {
+            Some(ack) if ack.ttl() > 0 => Ok(()),
+            Some(_) => Err("lease expired".into()),
+            None => Err("keepalive stream closed".into()),
+        }
+    }
+
+    /// Best effort: the lease expiring removes the key anyway.
+    async fn delete(mut self, cfg: &RegisterConfig, etcd: &EtcdConfig) {
+        let t = etcd.request_timeout;
+        match tokio::time::timeout(t, self.client.delete(cfg.key.as_str(), None)).await {
+            Ok(Ok(_)) => tracing::info!(key = %cfg.key, "deregistered the app from etcd"),
+            Ok(Err(e)) => {
+                tracing::warn!(key = %cfg.key, "cannot delete the key (its lease will expire): {e}")
+            }
+            Err(_) => tracing::warn!(key = %cfg.key, "deleting the key timed out (its lease will expire)"),
+        }
+        let _ = tokio::time::timeout(t, self.client.lease_revoke(self.id)).await;
+    }
+}
+
+/// Consecutive-result thresholds: unhealthy until `healthy_threshold` passes in a row,
+/// then healthy until `unhealthy_threshold` failures in a row.
+#[derive(Debug, Default)]
+struct Gate {
+    healthy: bool,
+    streak: u32,
+}
+
+impl Gate {
+    fn observe(&mut self, ok: bool, h: &HealthCheck) -> bool {
+        if ok == self.healthy {
+            self.streak = 0;
+            return self.healthy;
+        }
+        self.streak += 1;
+        let needed = if ok { h.healthy_threshold } else { h.unhealthy_threshold };
+        if self.streak >= needed.get() {
+            self.healthy = ok;
+            self.streak = 0;
+        }
+        self.healthy
+    }
+}
+
+struct Prober {
+    check: HealthCheck,
+    http: HttpClient<HttpConnector, Empty<Bytes>>,
+}
+
+impl Prober {
+    fn new(check: &HealthCheck) -> Prober {
+        let http = HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
+        Prober { check: check.clone(), http }
+    }
+
+    async fn probe(&self) -> bool {
+        let addr = self.check.addr;
+        let attempt = async {
+            match &self.check.kind {
+                HealthKind::Tcp => tokio::net::TcpStream::connect(addr).await.is_ok(),
+                HealthKind::Http { path } => {
+                    let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else { return false };
+                    let req = http::Request::get(uri).body(Empty::new());
+                    match req {
+                        Ok(req) => self.http.request(req).await.is_ok_and(|r| r.status().is_success()),
+                        Err(_) => false,
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(self.check.timeout, attempt).await.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(healthy: u32, unhealthy: u32) -> HealthCheck {
+        HealthCheck {
+            kind: HealthKind::Tcp,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: healthy.try_into().unwrap(),
+            unhealthy_threshold: unhealthy.try_into().unwrap(),
+        }
+    }
+
+    #[test]
+    fn gate_needs_streaks_both_ways() {
+        let h = check(2, 3);
+        let mut g = Gate::default();
+        let seen: Vec<bool> = [true, false, true, true, false, false, true, false, false, false]
+            .into_iter()
+            .map(|ok| g.observe(ok, &h))
+            .collect();
+        assert_eq!(seen, [false, false, false, true, true, true, true, true, true, false]);
+    }
+}
