@@ -118,6 +118,92 @@ pub struct ServiceFile {
     pub protocol: UpstreamProtocol,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    #[serde(default)]
+    pub retries: RetriesFile,
+    #[serde(default)]
+    pub outlier_detection: OutlierFile,
+    #[serde(default)]
+    pub circuit_breaker: BreakerFile,
+    pub health_check: Option<HealthCheckFile>,
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+/// A `retry_on` entry: a condition name or a status code.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RetryToken {
+    Status(u16),
+    Name(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesFile {
+    pub max_attempts: Option<u32>,
+    pub retry_on: Option<Vec<RetryToken>>,
+    pub non_idempotent: Option<bool>,
+    pub per_try_timeout: Option<String>,
+    pub backoff_base: Option<String>,
+    pub backoff_max: Option<String>,
+    pub buffer_bytes: Option<usize>,
+    #[serde(default)]
+    pub budget: BudgetFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetFile {
+    pub ratio: Option<f64>,
+    pub min_per_second: Option<u32>,
+    pub window: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    pub consecutive_failures: Option<u32>,
+    pub count_5xx: Option<bool>,
+    pub base_ejection: Option<String>,
+    pub max_ejection: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+    pub panic_threshold_percent: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerFile {
+    pub failure_ratio: Option<f64>,
+    pub min_requests: Option<u32>,
+    pub window: Option<String>,
+    pub open_for: Option<String>,
+    pub half_open_requests: Option<u32>,
+    pub max_in_flight: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    /// Healthy statuses, e.g. ["200-299", "304"]; default 200-399.
+    pub statuses: Option<Vec<String>>,
+    /// gRPC service name for `kind: grpc`; default "" (the whole server).
+    pub service: Option<String>,
+    pub interval: Option<String>,
+    pub jitter: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub per_second: u32,
+    pub burst: Option<u32>,
+    pub key_header: Option<String>,
+    pub max_keys: Option<usize>,
 }
 
 /// Which discovery source feeds a service.

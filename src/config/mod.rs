@@ -5,8 +5,11 @@
 //! anything, or let raw YAML types leak past this module — runtime code sees only the types
 //! below (`SocketAddr`, `Duration`, `NonZeroU32`, enums).
 
+mod etcd;
 mod file;
 mod locate;
+mod resilience;
+mod services;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -19,10 +22,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use resilience::*;
 pub use validate::{Problem, defaults};
 
 /// The validated configuration. Cheap to compare, so reload can tell what changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
@@ -135,12 +139,14 @@ pub enum ListenerProtocol {
     Tcp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServiceConfig {
     pub discovery: DiscoveryConfig,
     pub load_balancing: Policy,
     pub protocol: UpstreamProtocol,
     pub timeouts: Timeouts,
+    #[serde(flatten)]
+    pub resilience: Resilience,
 }
 
 /// Where a service's endpoints come from.

@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use super::file::{DiscoveryKind, EndpointFile, EtcdFile, File, ListenerFile, ServiceFile, TimeoutsFile};
+use super::file::{File, ListenerFile};
 use super::locate::{Index, Pos, join_key};
 use super::*;
 
@@ -26,6 +26,34 @@ pub mod defaults {
     pub const IDLE: Duration = Duration::from_secs(30);
     pub const TCP_IDLE: Duration = Duration::from_secs(3600);
     pub const WEIGHT: u32 = 1;
+    pub const MAX_ATTEMPTS: u32 = 2;
+    pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
+    pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
+    pub const RETRY_BUFFER: usize = 64 * 1024;
+    pub const BUDGET_RATIO: f64 = 0.2;
+    pub const BUDGET_MIN_PER_SECOND: u32 = 10;
+    pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+    pub const CONSECUTIVE_FAILURES: u32 = 5;
+    pub const BASE_EJECTION: Duration = Duration::from_secs(30);
+    pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+    pub const MAX_EJECTION_PERCENT: u32 = 10;
+    pub const PANIC_THRESHOLD: u32 = 50;
+    pub const BREAKER_RATIO: f64 = 0.5;
+    pub const BREAKER_MIN_REQUESTS: u32 = 20;
+    pub const BREAKER_WINDOW: Duration = Duration::from_secs(10);
+    pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
+    pub const MAX_IN_FLIGHT: u32 = 1024;
+
+    /// Retried by default: failures where the request provably did not run (connect, refused
+    /// stream), broken connections, gRPC UNAVAILABLE, and 502/503. Not timeouts (a slow
+    /// upstream would get twice the load) and not 504. Non-idempotent requests that may have
+    /// reached the upstream are never retried unless `non_idempotent: true`.
+    pub fn retry_on() -> Vec<super::super::file::RetryToken> {
+        use super::super::file::RetryToken::{Name, Status};
+        let names = ["connect_failure", "refused_stream", "reset", "grpc_unavailable"];
+        names.into_iter().map(|n| Name(n.into())).chain([Status(502), Status(503)]).collect()
+    }
+
     pub const ETCD_DIAL: Duration = Duration::from_secs(2);
     pub const ETCD_REQUEST: Duration = Duration::from_secs(5);
     pub const MAX_WEIGHT: u32 = 65_535;
@@ -83,7 +111,7 @@ fn from_serde(index: &Index, e: &serde_saphyr::Error) -> Problem {
     Problem { path, pos, message }
 }
 
-struct Validator {
+pub(super) struct Validator {
     index: Index,
     problems: Vec<Problem>,
 }
@@ -91,7 +119,7 @@ struct Validator {
 // === impl Validator ===
 
 impl Validator {
-    fn problem(&mut self, path: &str, message: impl Into<String>) {
+    pub(super) fn problem(&mut self, path: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.to_string(),
             pos: self.index.find(path),
@@ -153,58 +181,8 @@ impl Validator {
         Config { admin, shutdown, listeners, services, etcd, register }
     }
 
-    fn register(&mut self, r: super::file::RegisterFile) -> RegisterConfig {
-        if !valid_name(&r.service) {
-            let msg = format!(
-                "service name {:?} must be non-empty ASCII letters, digits, '.', '_' or '-'",
-                r.service
-            );
-            self.problem("register.service", msg);
-        }
-        let address = self.addr("register.address", &r.address);
-        let prefix = r.prefix.unwrap_or_else(|| format!("svc/{}/", r.service));
-        let secs = Duration::from_secs;
-        let lease_ttl = self.duration("register.lease_ttl", r.lease_ttl, secs(10), secs(2)..=secs(3600));
-        let deregistration_delay = self.duration(
-            "register.deregistration_delay",
-            r.deregistration_delay,
-            secs(2),
-            Duration::ZERO..=secs(120),
-        );
-        let h = r.health.unwrap_or_default();
-        let kind = match h.kind.as_deref().unwrap_or("http") {
-            "http" => HealthKind::Http { path: h.path.unwrap_or_else(|| "/".into()) },
-            "tcp" => HealthKind::Tcp,
-            other => {
-                self.problem(
-                    "register.health.kind",
-                    format!("unknown health check kind {other:?} (http or tcp)"),
-                );
-                HealthKind::Tcp
-            }
-        };
-        let ms = Duration::from_millis;
-        let health = HealthCheck {
-            kind,
-            addr: h.addr.map_or(address, |a| self.addr("register.health.addr", &a)),
-            interval: self.duration("register.health.interval", h.interval, secs(2), ms(50)..=secs(300)),
-            timeout: self.duration("register.health.timeout", h.timeout, secs(1), ms(10)..=secs(60)),
-            healthy_threshold: self.count("register.health.healthy_threshold", h.healthy_threshold, 1),
-            unhealthy_threshold: self.count("register.health.unhealthy_threshold", h.unhealthy_threshold, 3),
-        };
-        RegisterConfig {
-            key: format!("{prefix}{address}"),
-            service: r.service,
-            address,
-            weight: self.weight("register.weight", r.weight),
-            metadata: r.metadata,
-            lease_ttl,
-            deregistration_delay,
-            health,
-        }
-    }
 
-    fn count(&mut self, path: &str, n: Option<u32>, default: u32) -> NonZeroU32 {
+    pub(super) fn count(&mut self, path: &str, n: Option<u32>, default: u32) -> NonZeroU32 {
         let n = n.unwrap_or(default);
         NonZeroU32::new(n).filter(|n| n.get() <= 100).unwrap_or_else(|| {
             self.problem(path, format!("must be between 1 and 100, got {n}"));
@@ -212,57 +190,6 @@ impl Validator {
         })
     }
 
-    fn etcd(&mut self, e: EtcdFile) -> EtcdConfig {
-        if e.endpoints.is_empty() {
-            self.problem("etcd.endpoints", "list at least one etcd endpoint, e.g. http://127.0.0.1:2379");
-        }
-        let scheme = if e.tls.is_some() { "https" } else { "http" };
-        let endpoints = e
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                let url = if url.contains("://") { url.clone() } else { format!("{scheme}://{url}") };
-                let hostport = url.split_once("://").map_or("", |(_, r)| r.trim_end_matches('/'));
-                if !hostport.contains(':') || hostport.contains('/') {
-                    self.problem(
-                        &format!("etcd.endpoints[{i}]"),
-                        format!("{url:?} is not an etcd URL (scheme://host:port)"),
-                    );
-                }
-                url
-            })
-            .collect();
-        if e.password.is_some() != e.username.is_some() {
-            self.problem("etcd.username", "username and password go together");
-        }
-        let tls = e.tls.map(|t| {
-            if t.cert.is_some() != t.key.is_some() {
-                self.problem("etcd.tls", "a client certificate needs both `cert` and `key`");
-            }
-            EtcdTls { ca: t.ca.map(Into::into), cert: t.cert.map(Into::into), key: t.key.map(Into::into) }
-        });
-        let ms = Duration::from_millis(10);
-        EtcdConfig {
-            endpoints,
-            username: e.username,
-            password: e.password,
-            tls,
-            dial_timeout: self.duration(
-                "etcd.dial_timeout",
-                e.dial_timeout,
-                defaults::ETCD_DIAL,
-                ms..=Duration::from_secs(60),
-            ),
-            request_timeout: self.duration(
-                "etcd.request_timeout",
-                e.request_timeout,
-                defaults::ETCD_REQUEST,
-                ms..=Duration::from_secs(300),
-            ),
-            snapshot_dir: e.snapshot_dir.map(Into::into),
-        }
-    }
 
     fn listener(
         &mut self,
@@ -314,93 +241,10 @@ impl Validator {
         }
     }
 
-    fn service(&mut self, path: &str, s: ServiceFile) -> ServiceConfig {
-        let name = path.strip_prefix("services.").unwrap_or(path);
-        let discovery = match s.discovery {
-            DiscoveryKind::Etcd => {
-                if s.endpoints.is_some() {
-                    self.problem(
-                        &join_key(path, "endpoints"),
-                        "`endpoints` is for `discovery: static`; etcd finds them",
-                    );
-                }
-                let e = s.etcd.unwrap_or_default();
-                let prefix = e.prefix.unwrap_or_else(|| format!("svc/{name}/"));
-                if prefix.is_empty() {
-                    self.problem(
-                        &join_key(path, "etcd.prefix"),
-                        "an empty prefix would watch the whole keyspace",
-                    );
-                }
-                DiscoveryConfig::Etcd { prefix, selector: e.selector }
-            }
-            DiscoveryKind::Static => {
-                if s.etcd.is_some() {
-                    self.problem(&join_key(path, "etcd"), "`etcd` settings need `discovery: etcd`");
-                }
-                let endpoints_path = join_key(path, "endpoints");
-                let Some(endpoints) = s.endpoints else {
-                    self.problem(path, "static discovery needs an `endpoints` list (it may be empty)");
-                    return self.service_rest(
-                        path,
-                        DiscoveryConfig::Static { endpoints: vec![] },
-                        s.load_balancing,
-                        s.protocol,
-                        s.timeouts,
-                    );
-                };
-                DiscoveryConfig::Static { endpoints: self.endpoints(&endpoints_path, endpoints) }
-            }
-        };
-        self.service_rest(path, discovery, s.load_balancing, s.protocol, s.timeouts)
-    }
 
-    fn service_rest(
-        &mut self,
-        path: &str,
-        discovery: DiscoveryConfig,
-        load_balancing: Policy,
-        protocol: UpstreamProtocol,
-        t: TimeoutsFile,
-    ) -> ServiceConfig {
-        let tp = join_key(path, "timeouts");
-        let ms = Duration::from_millis(1);
-        let hour = Duration::from_secs(3600);
-        let timeouts = Timeouts {
-            connect: self.duration(
-                &join_key(&tp, "connect"),
-                t.connect,
-                defaults::CONNECT,
-                ms..=Duration::from_secs(60),
-            ),
-            request: self.duration(&join_key(&tp, "request"), t.request, defaults::REQUEST, ms..=hour),
-            idle: self.duration(&join_key(&tp, "idle"), t.idle, defaults::IDLE, ms..=hour),
-            tcp_idle: self.duration(
-                &join_key(&tp, "tcp_idle"),
-                t.tcp_idle,
-                defaults::TCP_IDLE,
-                Duration::from_secs(1)..=Duration::from_secs(86_400),
-            ),
-        };
-        ServiceConfig { discovery, load_balancing, protocol, timeouts }
-    }
 
-    fn endpoints(&mut self, path: &str, list: Vec<EndpointFile>) -> Vec<EndpointSpec> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::with_capacity(list.len());
-        for (i, e) in list.into_iter().enumerate() {
-            let ep = format!("{path}[{i}]");
-            let addr = self.addr(&join_key(&ep, "addr"), &e.addr);
-            if !seen.insert(addr) {
-                self.problem(&join_key(&ep, "addr"), format!("duplicate endpoint {addr}"));
-            }
-            let weight = self.weight(&join_key(&ep, "weight"), e.weight);
-            out.push(EndpointSpec { addr, weight, tags: e.tags });
-        }
-        out
-    }
 
-    fn weight(&mut self, path: &str, w: Option<i64>) -> NonZeroU32 {
+    pub(super) fn weight(&mut self, path: &str, w: Option<i64>) -> NonZeroU32 {
         let w = w.unwrap_or(i64::from(defaults::WEIGHT));
         match u32::try_from(w).ok().and_then(NonZeroU32::new) {
             Some(n) if n.get() <= defaults::MAX_WEIGHT => n,
@@ -412,7 +256,7 @@ impl Validator {
         }
     }
 
-    fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
+    pub(super) fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
         text.trim().parse().unwrap_or_else(|_| {
             self.problem(
                 path,
@@ -424,7 +268,7 @@ impl Validator {
         })
     }
 
-    fn duration(
+    pub(super) fn duration(
         &mut self,
         path: &str,
         text: Option<String>,
@@ -455,6 +299,6 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
