@@ -38,7 +38,7 @@ fn main() {
     println!("{:<22} {:>8} {:>10}", "policy", "n", "ns/pick");
     for policy in [Policy::WeightedRoundRobin, Policy::LeastRequest] {
         for n in [3, 100, 1_000, 10_000] {
-            let balancer = Balancer::new(policy);
+            let balancer = Balancer::new(policy, &Default::default());
             balancer.update(&specs(n));
             println!("{:<22} {:>8} {:>10.1}", format!("{policy:?}"), n, ns_per_pick(&balancer));
         }

@@ -100,6 +100,9 @@ async fn upstreams(app: &App) -> Response<Full<Bytes>> {
                 "protocol": up.config.protocol,
                 "discovery": discovery_name(&up.config.discovery),
                 "synced": up.balancer.snapshot().synced,
+                "panic_mode": up.balancer.snapshot().panic,
+                "circuit_breaker": up.breaker.state_name(),
+                "in_flight": up.breaker.in_flight(),
                 "watch": watches.remove(name),
                 "endpoints": up.balancer.describe(),
             });

@@ -23,6 +23,7 @@ use crate::discovery::Discovery;
 use crate::proxy::{Listener, Upstream};
 use crate::register::Registrar;
 use crate::upstream::Balancer;
+use crate::upstream::health::Checker;
 
 /// One config generation: what every new request and connection uses.
 #[derive(Debug)]
@@ -62,7 +63,7 @@ struct Inner {
     runtime: ArcSwap<Runtime>,
     /// Held across a whole reload, so reloads apply one at a time.
     listeners: Mutex<Vec<Listener>>,
-    discoveries: Mutex<HashMap<String, Discovery>>,
+    discoveries: Mutex<HashMap<String, ServiceTasks>>,
     registrar: Mutex<Option<Registrar>>,
     status: watch::Sender<Status>,
     config_path: Option<PathBuf>,
@@ -172,7 +173,10 @@ impl App {
     /// Live discovery state per service (etcd revision, watch state), for `/upstreams`.
     pub async fn discovery_status(&self) -> BTreeMap<String, serde_json::Value> {
         let discoveries = self.inner.discoveries.lock().await;
-        discoveries.iter().filter_map(|(name, d)| Some((name.clone(), d.etcd.as_ref()?.to_json()))).collect()
+        discoveries
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.discovery.etcd.as_ref()?.to_json())))
+            .collect()
     }
 
     /// Starts, keeps or replaces the registration of the local app to match `config`.
@@ -381,26 +385,49 @@ struct ListenerPlan {
 fn build_upstreams(
     config: &Config,
     previous: Option<&Runtime>,
-    discoveries: &mut HashMap<String, Discovery>,
+    tasks: &mut HashMap<String, ServiceTasks>,
 ) -> BTreeMap<String, Arc<Upstream>> {
     let mut next = HashMap::new();
     let mut upstreams = BTreeMap::new();
     let etcd = config.etcd.as_ref();
     for (name, svc) in &config.services {
         let prev = previous.and_then(|r| r.upstreams.get(name));
+        let outlier = &svc.resilience.outlier;
         let balancer =
-            prev.map_or_else(|| Arc::new(Balancer::new(svc.load_balancing)), |p| p.balancer.clone());
-        balancer.set_policy(svc.load_balancing);
-        let discovery = match discoveries.remove(name) {
+            prev.map_or_else(|| Balancer::new(svc.load_balancing, outlier), |p| p.balancer.clone());
+        balancer.configure(svc.load_balancing, outlier);
+        let old = tasks.remove(name);
+        let (old_discovery, old_checker) = old.map_or((None, None), |t| (Some(t.discovery), t.checker));
+        let discovery = match old_discovery {
             Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, &balancer),
             None => Discovery::start(name, &svc.discovery, etcd, svc.protocol, &balancer),
         };
-        next.insert(name.clone(), discovery);
+        let checker = match (old_checker, &svc.resilience.health_check) {
+            (Some(c), Some(cfg)) if c.config == *cfg => Some(c),
+            (_, cfg) => {
+                if cfg.is_none() {
+                    // No checks any more: nothing may stay marked unhealthy by old ones.
+                    balancer.snapshot().endpoints.iter().for_each(|e| {
+                        e.state.health.set_healthy(true);
+                    });
+                    balancer.refresh();
+                }
+                cfg.as_ref().map(|c| Checker::start(name, c, &balancer))
+            }
+        };
+        next.insert(name.clone(), ServiceTasks { discovery, checker });
         let upstream = Upstream::new(name, svc.clone(), balancer, prev.map(|p| &**p));
         upstreams.insert(name.clone(), Arc::new(upstream));
     }
-    *discoveries = next;
+    *tasks = next;
     upstreams
+}
+
+/// What runs per service beside the request path: discovery and active health checks.
+#[derive(Debug)]
+struct ServiceTasks {
+    discovery: Discovery,
+    checker: Option<Checker>,
 }
 
 fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, AppError> {

@@ -9,19 +9,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use etcd_client::{
     Client, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions, WatchStream,
 };
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{EtcdConfig, HealthCheck, HealthKind, RegisterConfig};
+use crate::config::{EtcdConfig, HealthCheck, HealthKind, ProbeKind, RegisterConfig};
 use crate::discovery::etcd::connect;
+use crate::upstream::health::Prober;
 
 /// The running registration task.
 #[derive(Debug)]
@@ -72,7 +68,13 @@ async fn run(
     stop: CancellationToken,
 ) {
     let set = |s: &'static str| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
-    let prober = Prober::new(&cfg.health);
+    let kind = match &cfg.health.kind {
+        HealthKind::Http { path } => {
+            ProbeKind::Http { path: path.clone(), host: None, statuses: vec![(200, 299)] }
+        }
+        HealthKind::Tcp => ProbeKind::Tcp,
+    };
+    let prober = Prober::new(kind, cfg.health.timeout);
     let mut gate = Gate::default();
     let mut lease: Option<Lease> = None;
     let mut check = tokio::time::interval(cfg.health.interval);
@@ -86,7 +88,7 @@ async fn run(
                 return;
             }
             _ = check.tick() => {
-                let healthy = gate.observe(prober.probe().await, &cfg.health);
+                let healthy = gate.observe(prober.probe(cfg.health.addr).await, &cfg.health);
                 match (healthy, lease.is_some()) {
                     (true, false) => match Lease::register(&cfg, &etcd).await {
                         Ok(l) => {
@@ -222,36 +224,6 @@ impl Gate {
             self.streak = 0;
         }
         self.healthy
-    }
-}
-
-struct Prober {
-    check: HealthCheck,
-    http: HttpClient<HttpConnector, Empty<Bytes>>,
-}
-
-impl Prober {
-    fn new(check: &HealthCheck) -> Prober {
-        let http = HttpClient::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
-        Prober { check: check.clone(), http }
-    }
-
-    async fn probe(&self) -> bool {
-        let addr = self.check.addr;
-        let attempt = async {
-            match &self.check.kind {
-                HealthKind::Tcp => tokio::net::TcpStream::connect(addr).await.is_ok(),
-                HealthKind::Http { path } => {
-                    let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else { return false };
-                    let req = http::Request::get(uri).body(Empty::new());
-                    match req {
-                        Ok(req) => self.http.request(req).await.is_ok_and(|r| r.status().is_success()),
-                        Err(_) => false,
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(self.check.timeout, attempt).await.unwrap_or(false)
     }
 }
 

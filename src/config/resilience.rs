@@ -106,7 +106,9 @@ pub enum ProbeKind {
     },
     Tcp,
     /// grpc.health.v1.Health/Check for `service` ("" = the server as a whole).
-    Grpc { service: String },
+    Grpc {
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -135,4 +137,19 @@ pub struct RateLimit {
 
 fn statuses<S: serde::Serializer>(v: &[StatusCode], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(StatusCode::as_u16))
+}
+
+impl Default for Outlier {
+    /// The same values a config that says nothing gets.
+    fn default() -> Self {
+        use super::defaults as d;
+        Outlier {
+            consecutive_failures: d::CONSECUTIVE_FAILURES,
+            count_5xx: true,
+            base_ejection: d::BASE_EJECTION,
+            max_ejection: d::MAX_EJECTION,
+            max_ejection_percent: d::MAX_EJECTION_PERCENT,
+            panic_threshold_percent: d::PANIC_THRESHOLD,
+        }
+    }
 }

@@ -36,7 +36,9 @@ impl Validator {
                     self.problem(&join_key(path, "etcd"), "`etcd` settings need `discovery: etcd`");
                 }
                 match s.endpoints.take() {
-                    Some(list) => DiscoveryConfig::Static { endpoints: self.endpoints(&join_key(path, "endpoints"), list) },
+                    Some(list) => DiscoveryConfig::Static {
+                        endpoints: self.endpoints(&join_key(path, "endpoints"), list),
+                    },
                     None => {
                         self.problem(path, "static discovery needs an `endpoints` list (it may be empty)");
                         DiscoveryConfig::Static { endpoints: vec![] }
@@ -52,7 +54,13 @@ impl Validator {
             health_check: s.health_check.map(|h| self.health_check(&join_key(path, "health_check"), h)),
             rate_limit: s.rate_limit.map(|r| self.rate_limit(&join_key(path, "rate_limit"), r)),
         };
-        ServiceConfig { discovery, load_balancing: s.load_balancing, protocol: s.protocol, timeouts, resilience }
+        ServiceConfig {
+            discovery,
+            load_balancing: s.load_balancing,
+            protocol: s.protocol,
+            timeouts,
+            resilience,
+        }
     }
 
     fn timeouts(&mut self, tp: &str, s: &ServiceFile) -> Timeouts {
@@ -61,7 +69,12 @@ impl Validator {
         let hour = Duration::from_secs(3600);
         let p = |k| join_key(tp, k);
         Timeouts {
-            connect: self.duration(&p("connect"), t.connect.clone(), defaults::CONNECT, ms..=Duration::from_secs(60)),
+            connect: self.duration(
+                &p("connect"),
+                t.connect.clone(),
+                defaults::CONNECT,
+                ms..=Duration::from_secs(60),
+            ),
             request: self.duration(&p("request"), t.request.clone(), defaults::REQUEST, ms..=hour),
             idle: self.duration(&p("idle"), t.idle.clone(), defaults::IDLE, ms..=hour),
             tcp_idle: self.duration(
@@ -99,7 +112,8 @@ impl Validator {
         let ms = Duration::from_millis(1);
         let hour = Duration::from_secs(3600);
         let per_try = self.duration(&p("per_try_timeout"), r.per_try_timeout, request_timeout, ms..=hour);
-        let backoff_base = self.duration(&p("backoff_base"), r.backoff_base, defaults::BACKOFF_BASE, ms..=hour);
+        let backoff_base =
+            self.duration(&p("backoff_base"), r.backoff_base, defaults::BACKOFF_BASE, ms..=hour);
         let backoff_max = self.duration(&p("backoff_max"), r.backoff_max, defaults::BACKOFF_MAX, ms..=hour);
         if backoff_max < backoff_base {
             self.problem(&p("backoff_max"), "must not be below backoff_base");
@@ -128,15 +142,25 @@ impl Validator {
             backoff_base,
             backoff_max,
             buffer_bytes,
-            budget: RetryBudget { ratio, min_per_second: b.min_per_second.unwrap_or(defaults::BUDGET_MIN_PER_SECOND), window },
+            budget: RetryBudget {
+                ratio,
+                min_per_second: b.min_per_second.unwrap_or(defaults::BUDGET_MIN_PER_SECOND),
+                window,
+            },
         }
     }
 
     fn outlier(&mut self, path: &str, o: OutlierFile) -> Outlier {
         let p = |k| join_key(path, k);
         let secs = Duration::from_secs;
-        let base = self.duration(&p("base_ejection"), o.base_ejection, defaults::BASE_EJECTION, secs(1)..=secs(3600));
-        let max = self.duration(&p("max_ejection"), o.max_ejection, defaults::MAX_EJECTION, secs(1)..=secs(86_400));
+        let base = self.duration(
+            &p("base_ejection"),
+            o.base_ejection,
+            defaults::BASE_EJECTION,
+            secs(1)..=secs(3600),
+        );
+        let max =
+            self.duration(&p("max_ejection"), o.max_ejection, defaults::MAX_EJECTION, secs(1)..=secs(86_400));
         if max < base {
             self.problem(&p("max_ejection"), "must not be below base_ejection");
         }
@@ -145,8 +169,16 @@ impl Validator {
             count_5xx: o.count_5xx.unwrap_or(true),
             base_ejection: base,
             max_ejection: max,
-            max_ejection_percent: self.percent(&p("max_ejection_percent"), o.max_ejection_percent, defaults::MAX_EJECTION_PERCENT),
-            panic_threshold_percent: self.percent(&p("panic_threshold_percent"), o.panic_threshold_percent, defaults::PANIC_THRESHOLD),
+            max_ejection_percent: self.percent(
+                &p("max_ejection_percent"),
+                o.max_ejection_percent,
+                defaults::MAX_EJECTION_PERCENT,
+            ),
+            panic_threshold_percent: self.percent(
+                &p("panic_threshold_percent"),
+                o.panic_threshold_percent,
+                defaults::PANIC_THRESHOLD,
+            ),
         }
     }
 
@@ -155,13 +187,21 @@ impl Validator {
         let secs = Duration::from_secs;
         let failure_ratio = b.failure_ratio.unwrap_or(defaults::BREAKER_RATIO);
         if !(0.0..=1.0).contains(&failure_ratio) {
-            self.problem(&p("failure_ratio"), format!("must be between 0 and 1 (0 turns it off), got {failure_ratio}"));
+            self.problem(
+                &p("failure_ratio"),
+                format!("must be between 0 and 1 (0 turns it off), got {failure_ratio}"),
+            );
         }
         Breaker {
             failure_ratio,
             min_requests: b.min_requests.unwrap_or(defaults::BREAKER_MIN_REQUESTS),
             window: self.duration(&p("window"), b.window, defaults::BREAKER_WINDOW, secs(1)..=secs(600)),
-            open_for: self.duration(&p("open_for"), b.open_for, defaults::BREAKER_OPEN_FOR, Duration::from_millis(10)..=secs(600)),
+            open_for: self.duration(
+                &p("open_for"),
+                b.open_for,
+                defaults::BREAKER_OPEN_FOR,
+                Duration::from_millis(10)..=secs(600),
+            ),
             half_open_requests: self.count(&p("half_open_requests"), b.half_open_requests, 1),
             max_in_flight: b.max_in_flight.unwrap_or(defaults::MAX_IN_FLIGHT).max(1),
         }
@@ -202,7 +242,10 @@ impl Validator {
                 match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
                     (Ok(lo), Ok(hi)) if (100..=599).contains(&lo) && lo <= hi && hi <= 599 => Some((lo, hi)),
                     _ => {
-                        self.problem(&format!("{path}[{i}]"), format!("{text:?} is not a status or range like 200-299"));
+                        self.problem(
+                            &format!("{path}[{i}]"),
+                            format!("{text:?} is not a status or range like 200-299"),
+                        );
                         None
                     }
                 }
@@ -229,7 +272,12 @@ impl Validator {
         {
             self.problem(&p("key_header"), format!("{h:?} is not a header name"));
         }
-        RateLimit { per_second, burst, key_header: r.key_header, max_keys: r.max_keys.unwrap_or(10_000).max(1) }
+        RateLimit {
+            per_second,
+            burst,
+            key_header: r.key_header,
+            max_keys: r.max_keys.unwrap_or(10_000).max(1),
+        }
     }
 
     fn percent(&mut self, path: &str, v: Option<u32>, default: u32) -> u32 {

@@ -181,7 +181,6 @@ impl Validator {
         Config { admin, shutdown, listeners, services, etcd, register }
     }
 
-
     pub(super) fn count(&mut self, path: &str, n: Option<u32>, default: u32) -> NonZeroU32 {
         let n = n.unwrap_or(default);
         NonZeroU32::new(n).filter(|n| n.get() <= 100).unwrap_or_else(|| {
@@ -189,7 +188,6 @@ impl Validator {
             NonZeroU32::MIN
         })
     }
-
 
     fn listener(
         &mut self,
@@ -240,9 +238,6 @@ impl Validator {
             binds.push((path, l.bind));
         }
     }
-
-
-
 
     pub(super) fn weight(&mut self, path: &str, w: Option<i64>) -> NonZeroU32 {
         let w = w.unwrap_or(i64::from(defaults::WEIGHT));

@@ -10,13 +10,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::upstream::InFlight;
+use crate::upstream::breaker::Admission;
 
 #[derive(Debug)]
 pub enum ProxyBody {
     Upstream {
         inner: Incoming,
-        /// Dropped as soon as the body ends, so least-request sees the true load.
-        in_flight: Option<InFlight>,
+        /// Dropped as soon as the body ends, so least-request and the concurrency limit see
+        /// the true load.
+        in_flight: Option<(InFlight, Option<Admission>)>,
     },
     Local(Full<Bytes>),
 }
@@ -24,8 +26,8 @@ pub enum ProxyBody {
 // === impl ProxyBody ===
 
 impl ProxyBody {
-    pub fn upstream(inner: Incoming, in_flight: InFlight) -> Self {
-        ProxyBody::Upstream { inner, in_flight: Some(in_flight) }
+    pub fn upstream(inner: Incoming, in_flight: InFlight, admission: impl Into<Option<Admission>>) -> Self {
+        ProxyBody::Upstream { inner, in_flight: Some((in_flight, admission.into())) }
     }
 
     pub fn local(bytes: Bytes) -> Self {

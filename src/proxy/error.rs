@@ -21,8 +21,16 @@ pub enum ProxyError {
     Timeout(SocketAddr, Duration),
     #[error("upstream {0} failed before responding: {1}")]
     Upstream(SocketAddr, String),
+    #[error("upstream {0} refused the stream (not processed): {1}")]
+    Refused(SocketAddr, String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("rate limit of service {0} exceeded")]
+    RateLimited(String, Duration),
+    #[error("circuit breaker of service {0} is open: failing fast")]
+    CircuitOpen(String),
+    #[error("service {0} has {1} requests in flight, its limit")]
+    Overloaded(String, u32),
 }
 
 // === impl ProxyError ===
@@ -31,9 +39,13 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(..) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect(..) | ProxyError::Upstream(..) | ProxyError::Refused(..) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::CircuitOpen(_) | ProxyError::Overloaded(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -44,20 +56,27 @@ impl ProxyError {
             ProxyError::Connect(..) => "connect_failed",
             ProxyError::Timeout(..) => "upstream_timeout",
             ProxyError::Upstream(..) => "upstream_reset",
+            ProxyError::Refused(..) => "refused_stream",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::RateLimited(..) => "rate_limited",
+            ProxyError::CircuitOpen(_) => "circuit_open",
+            ProxyError::Overloaded(..) => "overloaded",
         }
     }
 
     /// Whether the request provably never reached the upstream, so a retry cannot duplicate
     /// it (the retry issue builds on this).
     pub fn never_sent(&self) -> bool {
-        matches!(self, ProxyError::NoEndpoints(_) | ProxyError::Connect(..))
+        matches!(self, ProxyError::NoEndpoints(_) | ProxyError::Connect(..) | ProxyError::Refused(..))
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
         match self {
-            ProxyError::Connect(a, _) | ProxyError::Timeout(a, _) | ProxyError::Upstream(a, _) => Some(*a),
-            ProxyError::NoEndpoints(_) | ProxyError::BadRequest(_) => None,
+            ProxyError::Connect(a, _)
+            | ProxyError::Timeout(a, _)
+            | ProxyError::Upstream(a, _)
+            | ProxyError::Refused(a, _) => Some(*a),
+            _ => None,
         }
     }
 
@@ -68,6 +87,10 @@ impl ProxyError {
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if let ProxyError::RateLimited(_, wait) = &self {
+            let secs = super::ratelimit::retry_after_secs(*wait);
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }

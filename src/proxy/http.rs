@@ -5,7 +5,10 @@
 //! mapping upstream failures to [`ProxyError`]. Must not: buffer bodies, retry a request
 //! whose bytes may have reached an upstream, or panic on any input.
 
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
@@ -16,76 +19,207 @@ use hyper_util::rt::TokioIo;
 use super::Upstream;
 use super::body::ProxyBody;
 use super::error::ProxyError;
+use super::replay::{Replay, UpstreamBody};
+use super::retry::{self, Outcome};
 use crate::config::UpstreamProtocol;
 use crate::upstream::InFlight;
+use crate::upstream::breaker::Refused;
+use crate::upstream::budget::backoff;
+
+/// Reports how many attempts a request took (retries are visible to the app).
+pub const ATTEMPTS_HEADER: &str = "x-outrider-attempts";
 
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
 pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone(); // shares the bytes: no allocation
-    match forward(up, req).await {
+    let mut attempts = 0;
+    let mut resp = match forward(up, req, &mut attempts).await {
         Ok(resp) => resp,
         Err(e) => {
             let endpoint = e.endpoint().map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(
-                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(),
+                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(), attempts,
                 elapsed_ms = started.elapsed().as_millis() as u64, "request failed: {e}"
             );
             e.into_response()
         }
+    };
+    if attempts > 0 {
+        resp.headers_mut().insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+    }
+    resp
+}
+
+/// Admission (rate limit, breaker), then attempts until one answers or no retry is allowed.
+async fn forward(
+    up: &Upstream,
+    req: Request<Incoming>,
+    attempts: &mut u32,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if let Some(limiter) = &up.limiter {
+        limiter.check(req.headers()).map_err(|wait| ProxyError::RateLimited(up.name.to_string(), wait))?;
+    }
+    let mut admission = up.breaker.admit().map_err(|r| match r {
+        Refused::Open => ProxyError::CircuitOpen(up.name.to_string()),
+        Refused::Overloaded => ProxyError::Overloaded(up.name.to_string(), up.breaker.config().max_in_flight),
+    })?;
+    if wants_upgrade(&req) {
+        *attempts = 1;
+        return forward_upgrade(up, req).await;
+    }
+    let policy = &up.config.resilience.retries;
+    let safe = retry::safe_to_repeat(req.method(), req.headers(), policy);
+    let (mut parts, body) = req.into_parts();
+    prepare(&mut parts);
+    let (replay, mut direct) = match policy.max_attempts {
+        1 => (None, Some(body)),
+        _ => (Some(Replay::new(body, policy.buffer_bytes)), None),
+    };
+    up.budget.record_request();
+    let deadline = Instant::now() + up.config.timeouts.request;
+    let mut tried = Vec::new();
+    loop {
+        *attempts += 1;
+        let in_flight =
+            up.balancer.pick_avoiding(&tried).ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
+        let body = match &replay {
+            Some(r) => r.attempt(),
+            None => UpstreamBody::Direct(
+                direct.take().ok_or_else(|| ProxyError::BadRequest("body already sent".into()))?,
+            ),
+        };
+        let out = outbound(&parts, body, &in_flight, up.config.protocol)?;
+        let outcome = attempt(up, out, in_flight.addr(), deadline).await;
+        let failed = outcome.is_failure(&up.config.resilience.outlier);
+        up.balancer.report(in_flight.state(), failed);
+        if let Some(delay) = next_retry(up, &outcome, *attempts, safe, replay.as_ref(), deadline) {
+            tracing::debug!(service = %up.name, endpoint = %in_flight.addr(), attempt = *attempts, ?delay, "retrying");
+            tried.push(in_flight.addr());
+            drop(outcome);
+            tokio::time::sleep(delay).await;
+            continue;
+        }
+        admission.record(!failed);
+        return match outcome {
+            Outcome::Failed(e) => Err(e),
+            Outcome::Response(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut(), false);
+                Ok(resp.map(|body| ProxyBody::upstream(body, in_flight, admission)))
+            }
+        };
     }
 }
 
-async fn forward(up: &Upstream, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+async fn attempt(
+    up: &Upstream,
+    req: Request<UpstreamBody>,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Outcome<Incoming> {
+    let per_try =
+        up.config.resilience.retries.per_try_timeout.min(deadline.saturating_duration_since(Instant::now()));
+    match tokio::time::timeout(per_try, up.client.request(req)).await {
+        Err(_) => Outcome::Failed(ProxyError::Timeout(addr, per_try)),
+        Ok(Err(e)) => Outcome::Failed(classify(addr, &e)),
+        Ok(Ok(resp)) => Outcome::Response(resp),
+    }
+}
+
+/// The delay before the next attempt, or `None` when this outcome is final.
+fn next_retry(
+    up: &Upstream,
+    outcome: &Outcome<Incoming>,
+    attempts: u32,
+    safe: bool,
+    replay: Option<&Replay>,
+    deadline: Instant,
+) -> Option<Duration> {
+    let policy = &up.config.resilience.retries;
+    if attempts >= policy.max_attempts {
+        return None;
+    }
+    let never_sent = outcome.retryable(policy)?;
+    if !(never_sent || safe) || !replay?.replayable() {
+        return None;
+    }
+    let delay = backoff(attempts, policy.backoff_base, policy.backoff_max);
+    let delay = delay.max(retry::retry_after(outcome).unwrap_or_default());
+    if Instant::now() + delay >= deadline {
+        return None;
+    }
+    if !up.budget.try_retry() {
+        tracing::warn!(service = %up.name, "retry budget exhausted: not retrying");
+        return None;
+    }
+    Some(delay)
+}
+
+/// A single attempt for an upgrade (WebSocket): the connection is spliced, never retried.
+async fn forward_upgrade(
+    up: &Upstream,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let in_flight = up.balancer.pick().ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
     let addr = in_flight.addr();
-    let upgrade = wants_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let out = outbound(req, &in_flight, up.config.protocol, upgrade)?;
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    prepare(&mut parts);
+    let mut out = outbound(&parts, UpstreamBody::Direct(body), &in_flight, up.config.protocol)?;
+    if let Some(upgrade) = upgrade {
+        out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        out.headers_mut().insert(header::UPGRADE, upgrade);
+    }
     let timeout = up.config.timeouts.request;
     let mut resp = match tokio::time::timeout(timeout, up.client.request(out)).await {
         Err(_) => return Err(ProxyError::Timeout(addr, timeout)),
         Ok(Err(e)) => return Err(classify(addr, &e)),
         Ok(Ok(resp)) => resp,
     };
-    if let Some(downstream) = downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
-    {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(tunnel(downstream, upstream, in_flight));
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
     }
     strip_hop_by_hop(resp.headers_mut(), false);
-    Ok(resp.map(|body| ProxyBody::upstream(body, in_flight)))
+    Ok(resp.map(|body| ProxyBody::upstream(body, in_flight, None)))
 }
 
-/// Rewrites the app's request for the chosen endpoint.
-fn outbound(
-    req: Request<Incoming>,
-    endpoint: &InFlight,
-    protocol: UpstreamProtocol,
-    upgrade: bool,
-) -> Result<Request<Incoming>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
+/// Header hygiene done once per request, before any attempt.
+fn prepare(parts: &mut http::request::Parts) {
     // HTTP/2 requests carry the host in the URI only; an HTTP/1.1 upstream needs a Host header.
     if !parts.headers.contains_key(header::HOST)
         && let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
         parts.headers.insert(header::HOST, host);
     }
+    strip_hop_by_hop(&mut parts.headers, false);
+}
+
+/// The request for one attempt at the chosen endpoint.
+fn outbound(
+    parts: &http::request::Parts,
+    body: UpstreamBody,
+    endpoint: &InFlight,
+    protocol: UpstreamProtocol,
+) -> Result<Request<UpstreamBody>, ProxyError> {
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(endpoint.authority().clone());
     uri.path_and_query = Some(path);
-    parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-    parts.version = match protocol {
+    let mut req = Request::new(body);
+    *req.uri_mut() = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    *req.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    Ok(Request::from_parts(parts, body))
+    Ok(req)
 }
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {

@@ -7,6 +7,9 @@
 pub mod body;
 pub mod error;
 pub mod http;
+pub mod ratelimit;
+pub mod replay;
+pub mod retry;
 pub mod tcp;
 
 use std::convert::Infallible;
@@ -15,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,16 +29,23 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig, UpstreamProtocol};
 use crate::upstream::Balancer;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::budget::Budget;
+use ratelimit::Limiter;
 
-pub type HttpClient = Client<HttpConnector, Incoming>;
+pub type HttpClient = Client<HttpConnector, replay::UpstreamBody>;
 
-/// A service as one config generation sees it: settings, live endpoints, connection pool.
+/// A service as one config generation sees it: settings, live endpoints, connection pool,
+/// and the guards (breaker, retry budget, rate limit) that outlive a reload when unchanged.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: Arc<str>,
     pub config: ServiceConfig,
     pub balancer: Arc<Balancer>,
     pub client: HttpClient,
+    pub breaker: Arc<Breaker>,
+    pub budget: Arc<Budget>,
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 /// A bound listener's accept loop; its route is swapped on reload without rebinding.
@@ -59,11 +68,24 @@ impl Upstream {
         balancer: Arc<Balancer>,
         previous: Option<&Upstream>,
     ) -> Upstream {
+        let r = &config.resilience;
         let client = match previous {
             Some(p) if same_client(&p.config, &config) => p.client.clone(),
             _ => client(&config),
         };
-        Upstream { name: name.into(), config, balancer, client }
+        let breaker = match previous {
+            Some(p) if *p.breaker.config() == r.breaker => p.breaker.clone(),
+            _ => Breaker::new(&r.breaker),
+        };
+        let budget = match previous {
+            Some(p) if *p.budget.config() == r.retries.budget => p.budget.clone(),
+            _ => Arc::new(Budget::new(&r.retries.budget)),
+        };
+        let limiter = match (previous.and_then(|p| p.limiter.as_ref()), &r.rate_limit) {
+            (Some(l), Some(cfg)) if l.config == *cfg => Some(l.clone()),
+            (_, cfg) => cfg.as_ref().map(|c| Arc::new(Limiter::new(c))),
+        };
+        Upstream { name: name.into(), config, balancer, client, breaker, budget, limiter }
     }
 }
 

@@ -15,38 +15,62 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Upstream;
+use crate::config::RetryOn;
+use crate::upstream::InFlight;
 
-/// Proxies one accepted connection to the chosen endpoint until both sides close.
+/// Proxies one accepted connection to the chosen endpoint until both sides close. A refused
+/// connection (rate limit, open breaker, no endpoint, connect failure) is simply closed.
 pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
-    let Some(in_flight) = up.balancer.pick() else {
-        tracing::warn!(service = %up.name, reason = "no_endpoints", "tcp connection refused: no endpoints");
+    let refuse = |reason: &str| tracing::warn!(service = %up.name, reason, "tcp connection refused");
+    if up.limiter.as_ref().is_some_and(|l| l.check(&http::HeaderMap::new()).is_err()) {
+        return refuse("rate_limited");
+    }
+    let Ok(mut admission) = up.breaker.admit() else { return refuse("circuit_open_or_overloaded") };
+    up.budget.record_request();
+    let Some((mut outbound, in_flight)) = connect(&up).await else {
+        admission.record(false);
         return;
     };
+    admission.record(true);
     let addr = in_flight.addr();
-    let timeouts = &up.config.timeouts;
-    let mut outbound = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_failed", "tcp connect failed: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_timeout", "tcp connect timed out");
-            return;
-        }
-    };
     let _ = outbound.set_nodelay(true);
-    match copy_until_idle(&mut inbound, &mut outbound, timeouts.tcp_idle).await {
+    match copy_until_idle(&mut inbound, &mut outbound, up.config.timeouts.tcp_idle).await {
         Ok(Some((up_bytes, down_bytes))) => {
             tracing::debug!(service = %up.name, endpoint = %addr, up_bytes, down_bytes, "tcp connection closed")
         }
-        Ok(None) => {
-            tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection idle: closed")
-        }
-        Err(e) => {
-            tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection ended: {e}")
-        }
+        Ok(None) => tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection idle: closed"),
+        Err(e) => tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection ended: {e}"),
     }
+}
+
+/// Connects to an endpoint, moving to another one after a connect failure while the retry
+/// policy allows (nothing was sent, so this is always safe).
+async fn connect(up: &Upstream) -> Option<(TcpStream, InFlight)> {
+    let retries = &up.config.resilience.retries;
+    let mut tried = Vec::new();
+    for attempt in 1..=retries.max_attempts {
+        let Some(in_flight) = up.balancer.pick_avoiding(&tried) else {
+            tracing::warn!(service = %up.name, reason = "no_endpoints", "tcp connection refused: no endpoints");
+            return None;
+        };
+        let addr = in_flight.addr();
+        let error = match tokio::time::timeout(up.config.timeouts.connect, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                up.balancer.report(in_flight.state(), false);
+                return Some((s, in_flight));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        up.balancer.report(in_flight.state(), true);
+        tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_failed", attempt, "tcp connect failed: {error}");
+        let may_retry = retries.retry_on.contains(&RetryOn::ConnectFailure) && up.budget.try_retry();
+        if !may_retry {
+            return None;
+        }
+        tried.push(addr);
+    }
+    None
 }
 
 /// Copies both ways with half-close; `Ok(None)` when no byte moved for `idle`.

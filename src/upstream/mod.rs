@@ -1,22 +1,28 @@
 //! The live endpoint set of one service, and the choice of an endpoint per request.
 //!
 //! Owns: [`Balancer`] (an atomically swapped [`Snapshot`] of endpoints plus the picker's
-//! precomputed state) and per-endpoint runtime state ([`EndpointState`]: in-flight count)
-//! that survives updates for endpoints that did not change. Must not: await, or take a lock
-//! on the pick path; know where endpoints come from (that is `discovery`).
+//! precomputed state), per-endpoint runtime state ([`EndpointState`]: in-flight count,
+//! passive and active health) that survives updates for endpoints that did not change, and
+//! the filters that decide which endpoints are routable (ejection, health, panic mode).
+//! Must not: await, or take a lock on the pick path; know where endpoints come from.
 
+pub mod breaker;
+pub mod budget;
+pub mod health;
+pub mod outlier;
 mod pick;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use serde::Serialize;
 
-use crate::config::{EndpointSpec, Policy};
+use crate::config::{EndpointSpec, Outlier, Policy};
+use outlier::{Change, Ejection, Health};
 use pick::Picker;
 
 /// Runtime state of one endpoint, shared by every snapshot that contains its address.
@@ -26,6 +32,7 @@ pub struct EndpointState {
     /// `addr` as a URI authority, built once so requests do not format it.
     pub authority: Authority,
     in_flight: AtomicUsize,
+    pub health: Health,
 }
 
 /// An endpoint as one snapshot sees it: its current weight and tags plus its shared state.
@@ -40,10 +47,22 @@ pub struct Endpoint {
 /// One immutable view of a service's endpoints. Readers load it without locking.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// Every endpoint discovery reported.
     pub endpoints: Vec<Endpoint>,
+    /// The ones requests may go to now; the picker's state is built over these.
+    routable: Vec<Endpoint>,
     picker: Picker,
+    /// Too few endpoints were routable, so all of them are used (panic mode).
+    pub panic: bool,
     /// Whether discovery has delivered a set yet (an empty set counts once delivered).
     pub synced: bool,
+}
+
+/// What writers change: the policy and the ejection rules.
+#[derive(Debug, Clone)]
+struct Settings {
+    policy: Policy,
+    outlier: Outlier,
 }
 
 /// The endpoint set of one service: swapped whole by discovery, read by every request.
@@ -52,8 +71,10 @@ pub struct Balancer {
     snapshot: ArcSwap<Snapshot>,
     /// Round-robin position; kept across updates so a swap does not restart the cycle.
     counter: AtomicUsize,
-    /// Serialises writers (discovery, reload); the pick path never takes it.
-    writer: Mutex<Policy>,
+    /// Serialises writers (discovery, reload, ejections); the pick path never takes it.
+    writer: Mutex<Settings>,
+    /// For the timers that end ejections.
+    this: Weak<Balancer>,
 }
 
 /// Holds one unit of an endpoint's in-flight count until dropped.
@@ -68,7 +89,7 @@ impl EndpointState {
     fn new(addr: SocketAddr) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid"));
-        EndpointState { addr, authority, in_flight: AtomicUsize::new(0) }
+        EndpointState { addr, authority, in_flight: AtomicUsize::new(0), health: Health::default() }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -79,6 +100,20 @@ impl EndpointState {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight { state: self.clone() }
+    }
+
+    /// Routable outside panic mode: healthy by active checks and not ejected.
+    fn routable(&self) -> bool {
+        self.health.is_healthy() && matches!(self.health.ejection(), Ejection::Active | Ejection::Probing)
+    }
+
+    fn state_name(&self) -> &'static str {
+        match (self.health.is_healthy(), self.health.ejection()) {
+            (false, _) => "unhealthy",
+            (true, Ejection::Active) => "active",
+            (true, Ejection::Ejected) => "ejected",
+            (true, Ejection::Probing | Ejection::ProbeInFlight) => "probing",
+        }
     }
 }
 
@@ -92,6 +127,10 @@ impl InFlight {
     pub fn authority(&self) -> &Authority {
         &self.state.authority
     }
+
+    pub fn state(&self) -> &Arc<EndpointState> {
+        &self.state
+    }
 }
 
 impl Drop for InFlight {
@@ -103,30 +142,81 @@ impl Drop for InFlight {
 // === impl Balancer ===
 
 impl Balancer {
-    pub fn new(policy: Policy) -> Self {
-        let snapshot = Snapshot { endpoints: Vec::new(), picker: Picker::build(policy, &[]), synced: false };
-        Balancer {
-            snapshot: ArcSwap::from_pointee(snapshot),
+    pub fn new(policy: Policy, outlier: &Outlier) -> Arc<Self> {
+        let settings = Settings { policy, outlier: outlier.clone() };
+        Arc::new_cyclic(|this| Balancer {
+            snapshot: ArcSwap::from_pointee(build(&settings, Vec::new(), false)),
             counter: AtomicUsize::new(0),
-            writer: Mutex::new(policy),
-        }
+            writer: Mutex::new(settings),
+            this: this.clone(),
+        })
     }
 
-    /// Chooses an endpoint and counts the request against it; `None` when the set is empty.
+    /// Chooses an endpoint and counts the request against it; `None` when none is routable.
     pub fn pick(&self) -> Option<InFlight> {
+        self.pick_avoiding(&[])
+    }
+
+    /// Like [`Balancer::pick`], preferring endpoints not in `avoid` (those a retry already
+    /// tried). Skips endpoints ejected since the snapshot was built, and claims the probe
+    /// slot of one returning from ejection.
+    pub fn pick_avoiding(&self, avoid: &[SocketAddr]) -> Option<InFlight> {
         let snap = self.snapshot.load();
-        let i = snap.picker.pick(&snap.endpoints, &self.counter)?;
-        Some(snap.endpoints[i].state.begin())
+        let candidates = &snap.routable;
+        let mut fallback = None;
+        for _ in 0..candidates.len().clamp(1, 4) {
+            let ep = &candidates[snap.picker.pick(candidates, &self.counter)?];
+            if avoid.contains(&ep.addr) && candidates.len() > avoid.len() {
+                fallback.get_or_insert(ep);
+                continue;
+            }
+            if snap.panic || ep.state.health.admit() {
+                return Some(ep.state.begin());
+            }
+        }
+        fallback.map(|ep| ep.state.begin())
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
     }
 
+    /// Records an attempt's outcome for passive health (outlier ejection).
+    pub fn report(&self, endpoint: &EndpointState, failed: bool) {
+        let outlier = self.lock().outlier.clone();
+        let change = endpoint.health.report(failed, &outlier, || self.may_eject(&outlier));
+        match change {
+            Change::None => {}
+            Change::Returned => {
+                tracing::info!(endpoint = %endpoint.addr, "probe succeeded: endpoint back in rotation");
+                self.refresh();
+            }
+            Change::Ejected(duration) => {
+                tracing::warn!(endpoint = %endpoint.addr, ?duration, times = endpoint.health.times_ejected(), "endpoint ejected after consecutive failures");
+                self.refresh();
+                let this = self.this.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(duration).await;
+                    if let Some(b) = this.upgrade() {
+                        b.refresh();
+                    }
+                });
+            }
+        }
+    }
+
+    /// At most `max_ejection_percent` of endpoints ejected at once, but always at least one.
+    fn may_eject(&self, outlier: &Outlier) -> bool {
+        let snap = self.snapshot.load();
+        let total = snap.endpoints.len();
+        let ejected = snap.endpoints.iter().filter(|e| e.state.health.ejection() != Ejection::Active).count();
+        ejected == 0 || (ejected + 1) * 100 <= outlier.max_ejection_percent as usize * total
+    }
+
     /// Replaces the endpoint set ("reset to this set"): endpoints whose address is already
-    /// known keep their state (in-flight counts); weights and tags take the new values.
+    /// known keep their state; weights and tags take the new values.
     pub fn update(&self, specs: &[EndpointSpec]) {
-        let policy = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let settings = self.lock();
         let old = self.snapshot.load();
         let known: HashMap<SocketAddr, &Arc<EndpointState>> =
             old.endpoints.iter().map(|e| (e.addr, &e.state)).collect();
@@ -141,23 +231,40 @@ impl Balancer {
                     .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st)),
             })
             .collect();
-        self.store(*policy, endpoints, true);
+        self.snapshot.store(Arc::new(build(&settings, endpoints, true)));
     }
 
-    /// Changes the picking policy, keeping the endpoints and their state.
-    pub fn set_policy(&self, policy: Policy) {
-        let mut current = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if *current == policy {
+    /// Changes the policy and ejection rules, keeping the endpoints and their state.
+    pub fn configure(&self, policy: Policy, outlier: &Outlier) {
+        let mut settings = self.lock();
+        if settings.policy == policy && settings.outlier == *outlier {
             return;
         }
-        *current = policy;
+        *settings = Settings { policy, outlier: outlier.clone() };
         let old = self.snapshot.load();
-        self.store(policy, old.endpoints.clone(), old.synced);
+        self.snapshot.store(Arc::new(build(&settings, old.endpoints.clone(), old.synced)));
     }
 
-    fn store(&self, policy: Policy, endpoints: Vec<Endpoint>, synced: bool) {
-        let picker = Picker::build(policy, &endpoints);
-        self.snapshot.store(Arc::new(Snapshot { endpoints, picker, synced }));
+    /// Rebuilds the routable set after an ejection, a return or a health change.
+    pub fn refresh(&self) {
+        let settings = self.lock();
+        let old = self.snapshot.load();
+        for e in &old.endpoints {
+            e.state.health.ejection_over();
+        }
+        let snap = build(&settings, old.endpoints.clone(), old.synced);
+        if snap.panic && !old.panic {
+            tracing::warn!(
+                routable = snap.routable.len(),
+                total = snap.endpoints.len(),
+                "panic mode: too few healthy endpoints, routing over all of them"
+            );
+        }
+        self.snapshot.store(Arc::new(snap));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Settings> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Endpoint view for the admin `/upstreams` page.
@@ -171,10 +278,22 @@ impl Balancer {
                 weight: e.weight,
                 tags: (*e.tags).clone(),
                 in_flight: e.state.in_flight(),
-                state: "active",
+                state: e.state.state_name(),
+                consecutive_failures: e.state.health.consecutive_failures(),
+                times_ejected: e.state.health.times_ejected(),
             })
             .collect()
     }
+}
+
+/// Builds a snapshot: the routable subset, or everything in panic mode.
+fn build(settings: &Settings, endpoints: Vec<Endpoint>, synced: bool) -> Snapshot {
+    let ok: Vec<Endpoint> = endpoints.iter().filter(|e| e.state.routable()).cloned().collect();
+    let threshold = settings.outlier.panic_threshold_percent as usize;
+    let panic = !endpoints.is_empty() && ok.len() * 100 < threshold * endpoints.len();
+    let routable = if panic { endpoints.clone() } else { ok };
+    let picker = Picker::build(settings.policy, &routable);
+    Snapshot { endpoints, routable, picker, panic, synced }
 }
 
 #[derive(Debug, Serialize)]
@@ -183,7 +302,10 @@ pub struct EndpointView {
     pub weight: u32,
     pub tags: BTreeMap<String, String>,
     pub in_flight: usize,
+    /// active, ejected, probing or unhealthy.
     pub state: &'static str,
+    pub consecutive_failures: u32,
+    pub times_ejected: u32,
 }
 
 #[cfg(test)]
@@ -204,15 +326,26 @@ pub(crate) mod tests {
             .collect()
     }
 
+    pub(crate) fn outlier() -> Outlier {
+        Outlier {
+            consecutive_failures: 5,
+            count_5xx: true,
+            base_ejection: std::time::Duration::from_secs(30),
+            max_ejection: std::time::Duration::from_secs(300),
+            max_ejection_percent: 10,
+            panic_threshold_percent: 50,
+        }
+    }
+
     pub(crate) fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
-        let b = Balancer::new(Policy::WeightedRoundRobin);
+        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
         b.update(&specs(weights));
         b.snapshot().endpoints.clone()
     }
 
     #[test]
     fn update_keeps_state_of_unchanged_endpoints() {
-        let b = Balancer::new(Policy::LeastRequest);
+        let b = Balancer::new(Policy::LeastRequest, &outlier());
         b.update(&specs(&[1, 1]));
         let held = b.snapshot().endpoints[0].state.begin();
         let mut next = specs(&[7, 1, 1]);
@@ -228,7 +361,7 @@ pub(crate) mod tests {
 
     #[test]
     fn empty_and_unsynced_until_first_update() {
-        let b = Balancer::new(Policy::WeightedRoundRobin);
+        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
         assert!(!b.snapshot().synced);
         assert!(b.pick().is_none());
         b.update(&[]);
@@ -236,9 +369,46 @@ pub(crate) mod tests {
         assert!(b.pick().is_none());
     }
 
+    #[tokio::test]
+    async fn ejection_removes_an_endpoint_and_panic_mode_brings_all_back() {
+        let mut cfg = outlier();
+        cfg.max_ejection_percent = 100;
+        let b = Balancer::new(Policy::WeightedRoundRobin, &cfg);
+        b.update(&specs(&[1, 1, 1, 1]));
+        let first = b.snapshot().endpoints[0].state.clone();
+        for _ in 0..5 {
+            b.report(&first, true);
+        }
+        let snap = b.snapshot();
+        assert_eq!((snap.routable.len(), snap.panic), (3, false));
+        assert!((0..30).all(|_| b.pick().unwrap().addr() != first.addr));
+        for e in &snap.endpoints[1..3] {
+            for _ in 0..5 {
+                b.report(&e.state, true);
+            }
+        }
+        // 1 of 4 routable is below the 50% panic threshold: all four are used again.
+        let snap = b.snapshot();
+        assert_eq!((snap.routable.len(), snap.panic), (4, true));
+    }
+
+    #[tokio::test]
+    async fn max_ejection_percent_allows_at_least_one() {
+        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
+        b.update(&specs(&[1, 1, 1]));
+        let snap = b.snapshot();
+        for e in &snap.endpoints {
+            for _ in 0..5 {
+                b.report(&e.state, true);
+            }
+        }
+        let ejected = b.describe().iter().filter(|e| e.state == "ejected").count();
+        assert_eq!(ejected, 1, "10% of 3 endpoints rounds to the minimum of one");
+    }
+
     #[test]
     fn weight_change_takes_effect_on_next_pick() {
-        let b = Balancer::new(Policy::WeightedRoundRobin);
+        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
         b.update(&specs(&[1, 1]));
         b.update(&specs(&[3, 1]));
         let picks: Vec<_> = (0..8).map(|_| b.pick().unwrap().addr().port() - 10_000).collect();

@@ -131,9 +131,12 @@ fn least_request(endpoints: &[Endpoint]) -> usize {
     if lighter(&endpoints[b], &endpoints[a]) { b } else { a }
 }
 
-/// `(in_flight_a + 1) / weight_a < (in_flight_b + 1) / weight_b`, without division.
+/// `(load_a + 1) / weight_a < (load_b + 1) / weight_b`, without division. Load counts
+/// in-flight requests *and* consecutive failures, so an endpoint that fails fast (and so has
+/// nothing in flight) does not attract traffic before it is ejected.
 fn lighter(a: &Endpoint, b: &Endpoint) -> bool {
-    let load = |e: &Endpoint| e.state.in_flight() as u64 + 1;
+    let load =
+        |e: &Endpoint| e.state.in_flight() as u64 + u64::from(e.state.health.consecutive_failures()) + 1;
     load(a) * u64::from(b.weight) < load(b) * u64::from(a.weight)
 }
 

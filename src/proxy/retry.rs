@@ -1,0 +1,147 @@
+//! The retry policy: which failed attempts may be tried again, and when.
+//!
+//! A retry needs all of: attempts left; a condition listed in `retry_on` (or a listed
+//! status); a request that is safe to send again — it provably never reached the upstream
+//! (connect failure, REFUSED_STREAM), or its method is idempotent / it carries an
+//! `Idempotency-Key` (or the service opted into `non_idempotent`); a body that can be sent
+//! again; a token from the retry budget; and time left before the request deadline.
+//! Owns: those rules. Must not: do I/O.
+
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Response, StatusCode};
+
+use super::error::ProxyError;
+use crate::config::{Outlier, Retries, RetryOn};
+
+/// What one attempt came to.
+#[derive(Debug)]
+pub enum Outcome<B> {
+    Response(Response<B>),
+    Failed(ProxyError),
+}
+
+// === impl Outcome ===
+
+impl<B> Outcome<B> {
+    /// Whether this counts against the endpoint (outlier ejection) and the service (breaker).
+    pub fn is_failure(&self, outlier: &Outlier) -> bool {
+        match self {
+            Outcome::Failed(_) => true,
+            Outcome::Response(r) => {
+                let s = r.status();
+                (outlier.count_5xx && s.is_server_error())
+                    || matches!(
+                        s,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    )
+            }
+        }
+    }
+
+    /// The retry condition this outcome meets, if any: `Some(never_sent)`.
+    pub fn retryable(&self, policy: &Retries) -> Option<bool> {
+        let (condition, never_sent) = match self {
+            Outcome::Failed(ProxyError::Connect(..)) => (RetryOn::ConnectFailure, true),
+            Outcome::Failed(ProxyError::Refused(..)) => (RetryOn::RefusedStream, true),
+            Outcome::Failed(ProxyError::Upstream(..)) => (RetryOn::Reset, false),
+            Outcome::Failed(ProxyError::Timeout(..)) => (RetryOn::Timeout, false),
+            Outcome::Failed(_) => return None,
+            Outcome::Response(r) if policy.retry_statuses.contains(&r.status()) => return Some(false),
+            Outcome::Response(r) if grpc_unavailable(r.headers()) => (RetryOn::GrpcUnavailable, false),
+            Outcome::Response(_) => return None,
+        };
+        policy.retry_on.contains(&condition).then_some(never_sent)
+    }
+}
+
+/// A trailers-only gRPC response (status in the headers) saying UNAVAILABLE (14).
+fn grpc_unavailable(headers: &HeaderMap) -> bool {
+    headers.get("grpc-status").is_some_and(|v| v == "14")
+}
+
+/// Whether a request may be sent again after it may have reached the upstream.
+pub fn safe_to_repeat(method: &Method, headers: &HeaderMap, policy: &Retries) -> bool {
+    policy.non_idempotent
+        || headers.contains_key("idempotency-key")
+        || matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        )
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not honoured).
+pub fn retry_after<B>(outcome: &Outcome<B>) -> Option<Duration> {
+    let Outcome::Response(r) = outcome else { return None };
+    let secs: u64 = r.headers().get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Retries {
+        Retries {
+            max_attempts: 3,
+            retry_on: vec![RetryOn::ConnectFailure, RetryOn::Reset, RetryOn::GrpcUnavailable],
+            retry_statuses: vec![StatusCode::SERVICE_UNAVAILABLE],
+            non_idempotent: false,
+            per_try_timeout: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            buffer_bytes: 1024,
+            budget: crate::config::RetryBudget {
+                ratio: 0.2,
+                min_per_second: 10,
+                window: Duration::from_secs(10),
+            },
+        }
+    }
+
+    fn status(code: u16, headers: &[(&str, &str)]) -> Outcome<()> {
+        let mut r = Response::builder().status(code);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        Outcome::Response(r.body(()).unwrap())
+    }
+
+    #[test]
+    fn classifies_conditions() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let p = policy();
+        assert_eq!(Outcome::<()>::Failed(ProxyError::Connect(addr, String::new())).retryable(&p), Some(true));
+        assert_eq!(
+            Outcome::<()>::Failed(ProxyError::Upstream(addr, String::new())).retryable(&p),
+            Some(false)
+        );
+        assert_eq!(Outcome::<()>::Failed(ProxyError::Timeout(addr, Duration::ZERO)).retryable(&p), None);
+        assert_eq!(status(503, &[]).retryable(&p), Some(false));
+        assert_eq!(status(500, &[]).retryable(&p), None);
+        assert_eq!(status(200, &[("grpc-status", "14")]).retryable(&p), Some(false));
+        assert_eq!(status(200, &[("grpc-status", "0")]).retryable(&p), None);
+    }
+
+    #[test]
+    fn only_idempotent_or_keyed_requests_repeat() {
+        let p = policy();
+        let none = HeaderMap::new();
+        let mut keyed = HeaderMap::new();
+        keyed.insert("idempotency-key", "abc".parse().unwrap());
+        assert!(safe_to_repeat(&Method::GET, &none, &p));
+        assert!(safe_to_repeat(&Method::PUT, &none, &p));
+        assert!(!safe_to_repeat(&Method::POST, &none, &p));
+        assert!(!safe_to_repeat(&Method::PATCH, &none, &p));
+        assert!(safe_to_repeat(&Method::POST, &keyed, &p));
+        assert!(safe_to_repeat(&Method::POST, &none, &Retries { non_idempotent: true, ..p }));
+    }
+
+    #[test]
+    fn reads_retry_after_seconds() {
+        assert_eq!(retry_after(&status(503, &[("retry-after", "2")])), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&status(503, &[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")])), None);
+    }
+}
