@@ -51,15 +51,21 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/ready") => ready(app),
         (&Method::GET, "/config") => config(app).await,
         (&Method::GET, "/upstreams") => upstreams(app).await,
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::expose::render(app))));
+            let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            resp.headers_mut().insert(header::CONTENT_TYPE, ct.parse().expect("static"));
+            resp
+        }
         (&Method::POST, "/shutdown") => {
             tracing::info!("shutdown requested through the admin API");
             app.shutdown(false);
             json_response(StatusCode::ACCEPTED, &json!({ "shutting_down": true }))
         }
-        (_, "/live" | "/ready" | "/config" | "/upstreams" | "/shutdown") => {
+        (_, "/live" | "/ready" | "/config" | "/upstreams" | "/metrics" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams /metrics\n"),
     }
 }
 

@@ -20,8 +20,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::Discovery;
-use crate::proxy::{Listener, Upstream};
+use crate::proxy::{Listener, Shared, Upstream};
 use crate::register::Registrar;
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
 use crate::upstream::health::Checker;
 
@@ -50,6 +52,8 @@ pub enum AppError {
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("shutting down: reload refused")]
     ShuttingDown,
+    #[error("cannot set up tracing: {0}")]
+    Telemetry(String),
 }
 
 /// A running Outrider. Cheap to clone; all clones control the same instance.
@@ -65,6 +69,7 @@ struct Inner {
     listeners: Mutex<Vec<Listener>>,
     discoveries: Mutex<HashMap<String, ServiceTasks>>,
     registrar: Mutex<Option<Registrar>>,
+    telemetry: Arc<Telemetry>,
     status: watch::Sender<Status>,
     config_path: Option<PathBuf>,
     admin_addr: SocketAddr,
@@ -85,8 +90,9 @@ impl App {
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<App, AppError> {
         let admin_socket = bind("admin", config.admin.bind)?;
         let admin_addr = local_addr("admin", config.admin.bind, &admin_socket)?;
+        let telemetry = Arc::new(Telemetry::new(&config).map_err(|e| AppError::Telemetry(e.to_string()))?);
         let mut discoveries = HashMap::new();
-        let upstreams = build_upstreams(&config, None, &mut discoveries);
+        let upstreams = build_upstreams(&config, None, &mut discoveries, &telemetry);
         let tracker = TaskTracker::new();
         let stop_accepting = CancellationToken::new();
         let mut listeners = Vec::new();
@@ -112,6 +118,7 @@ impl App {
                 listeners: Mutex::new(listeners),
                 discoveries: Mutex::new(discoveries),
                 registrar: Mutex::new(None),
+                telemetry,
                 status: watch::Sender::new(status),
                 config_path,
                 admin_addr,
@@ -133,6 +140,10 @@ impl App {
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.inner.runtime.load_full()
+    }
+
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.inner.telemetry
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -197,6 +208,11 @@ impl App {
         self.inner.registrar.lock().await.as_ref().map(Registrar::state)
     }
 
+    /// Like [`App::registration_state`] without waiting: `None` also while a reload holds it.
+    pub fn registration_state_now(&self) -> Option<&'static str> {
+        self.inner.registrar.try_lock().ok()?.as_ref().map(Registrar::state)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Relaxed)
     }
@@ -243,6 +259,7 @@ impl App {
                 "shutdown: grace period over; closing what is still open"
             );
         }
+        inner.telemetry.flush().await;
         admin_stop.cancel();
         tracing::info!("shutdown complete");
         inner.finished.cancel();
@@ -290,10 +307,15 @@ impl App {
         if config.admin != current.config.admin {
             tracing::warn!("admin.bind changed: takes effect only after a restart");
         }
+        if (&config.tracing, &config.access_log, &config.logging)
+            != (&current.config.tracing, &current.config.access_log, &current.config.logging)
+        {
+            tracing::warn!("tracing, access_log and logging changes take effect only after a restart");
+        }
         let plan = plan_listeners(&listeners, &config.listeners)?;
         let upstreams = {
             let mut discoveries = self.inner.discoveries.lock().await;
-            build_upstreams(&config, Some(&current), &mut discoveries)
+            build_upstreams(&config, Some(&current), &mut discoveries, &self.inner.telemetry)
         };
         let generation = current.generation + 1;
         let config = Arc::new(config);
@@ -386,6 +408,7 @@ fn build_upstreams(
     config: &Config,
     previous: Option<&Runtime>,
     tasks: &mut HashMap<String, ServiceTasks>,
+    telemetry: &Arc<Telemetry>,
 ) -> BTreeMap<String, Arc<Upstream>> {
     let mut next = HashMap::new();
     let mut upstreams = BTreeMap::new();
@@ -402,6 +425,7 @@ fn build_upstreams(
             Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, &balancer),
             None => Discovery::start(name, &svc.discovery, etcd, svc.protocol, &balancer),
         };
+        let metrics: Arc<ServiceMetrics> = prev.map_or_else(Default::default, |p| p.metrics.clone());
         let checker = match (old_checker, &svc.resilience.health_check) {
             (Some(c), Some(cfg)) if c.config == *cfg => Some(c),
             (_, cfg) => {
@@ -412,11 +436,14 @@ fn build_upstreams(
                     });
                     balancer.refresh();
                 }
-                cfg.as_ref().map(|c| Checker::start(name, c, &balancer))
+                cfg.as_ref().map(|c| Checker::start(name, c, &balancer, &metrics))
             }
         };
+        let watch = discovery.etcd.clone();
         next.insert(name.clone(), ServiceTasks { discovery, checker });
-        let upstream = Upstream::new(name, svc.clone(), balancer, prev.map(|p| &**p));
+        let generation = previous.map_or(1, |r| r.generation + 1);
+        let shared = Shared { balancer, metrics, telemetry, generation, watch };
+        let upstream = Upstream::new(name, svc.clone(), shared, prev.map(|p| &**p));
         upstreams.insert(name.clone(), Arc::new(upstream));
     }
     *tasks = next;

@@ -18,5 +18,6 @@ pub mod demo;
 pub mod discovery;
 pub mod proxy;
 pub mod register;
+pub mod telemetry;
 pub mod upstream;
 pub mod watch;

@@ -36,7 +36,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let result = match cli.command {
         Command::Check { file } => return check(&file),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
@@ -50,14 +49,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal: piped logs (kubectl logs, files) stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -81,6 +72,7 @@ fn check(file: &std::path::Path) -> ExitCode {
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
+    outrider::telemetry::init_logging(&config.logging);
     let app = App::start(config, Some(path.clone())).await?;
     outrider::watch::spawn(app.clone(), path).context("cannot watch the config file")?;
     serve_until_signalled(app).await
@@ -88,6 +80,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 
 async fn demo() -> anyhow::Result<()> {
     let config = Config::parse(outrider::demo::QUICKSTART)?;
+    outrider::telemetry::init_logging(&config.logging);
     let instances = outrider::demo::start_instances(&config).await.context("cannot start demo instances")?;
     let app = App::start(config, None).await?;
     let listener = app.listener_addr("hello").await.context("quickstart has no `hello` listener")?;

@@ -159,8 +159,9 @@ impl Lease {
         let t = etcd.request_timeout;
         let grant =
             tokio::time::timeout(t, client.lease_grant(cfg.lease_ttl.as_secs() as i64, None)).await??;
-        let (keeper, acks) = client.lease_keep_alive(grant.id()).await?;
-        let watch = client.watch(cfg.key.as_str(), Some(WatchOptions::new())).await?;
+        let (keeper, acks) = tokio::time::timeout(t, client.lease_keep_alive(grant.id())).await??;
+        let watch =
+            tokio::time::timeout(t, client.watch(cfg.key.as_str(), Some(WatchOptions::new()))).await??;
         let mut lease = Lease { client, id: grant.id(), keeper, acks, watch };
         lease.put(cfg).await?;
         Ok(lease)

@@ -137,16 +137,19 @@ async fn etcd_crash_keeps_the_last_set_and_changes_after_restart_arrive_despite_
     until_routed_to(&url, "a").await;
 
     etcd.kill();
+    eprintln!("step: etcd killed");
     let client = client();
     for _ in 0..50 {
         assert_eq!(get(&client, &url).await.0, 200, "requests fail while etcd is down");
     }
     etcd.restart().await;
+    eprintln!("step: etcd restarted");
     let mut kv = etcd.client().await;
     kv.put("svc/pay/b", naming(b.addr, ""), None).await.unwrap();
     let resp = kv.delete("svc/pay/a", None).await.unwrap();
     let revision = resp.header().unwrap().revision();
     kv.compact(revision, None).await.unwrap();
+    eprintln!("step: changed and compacted at {revision}");
     // Both changes arrive (put and delete may come in separate watch responses).
     within(async {
         while endpoint_addrs(&app).await != vec![b.addr.to_string()] {

@@ -23,6 +23,40 @@ pub struct File {
     pub services: BTreeMap<String, ServiceFile>,
     pub etcd: Option<EtcdFile>,
     pub register: Option<RegisterFile>,
+    #[serde(default)]
+    pub logging: LoggingFile,
+    #[serde(default)]
+    pub access_log: AccessLogFile,
+    pub tracing: Option<TracingFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingFile {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    pub enabled: Option<bool>,
+    pub sample_ratio: Option<f64>,
+    pub fields: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    pub endpoint: String,
+    pub protocol: Option<String>,
+    pub sampling_ratio: Option<f64>,
+    pub service_name: Option<String>,
+    #[serde(default)]
+    pub resource: BTreeMap<String, String>,
+    pub queue_size: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub export_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

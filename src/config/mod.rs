@@ -10,6 +10,7 @@ mod file;
 mod locate;
 mod resilience;
 mod services;
+mod telemetry;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use resilience::*;
+pub use telemetry::*;
 pub use validate::{Problem, defaults};
 
 /// The validated configuration. Cheap to compare, so reload can tell what changed.
@@ -36,6 +38,10 @@ pub struct Config {
     pub etcd: Option<EtcdConfig>,
     /// Registration of the local app in etcd; needs the `etcd` block.
     pub register: Option<RegisterConfig>,
+    pub logging: LoggingConfig,
+    pub access_log: AccessLogConfig,
+    /// OTLP trace export; `None`: no tracing.
+    pub tracing: Option<TracingConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -178,7 +178,10 @@ impl Validator {
         if register.is_some() && etcd.is_none() {
             self.problem("register", "registration needs the top-level `etcd` block");
         }
-        Config { admin, shutdown, listeners, services, etcd, register }
+        let logging = self.logging(f.logging);
+        let access_log = self.access_log(f.access_log);
+        let tracing = f.tracing.map(|t| self.tracing(t));
+        Config { admin, shutdown, listeners, services, etcd, register, logging, access_log, tracing }
     }
 
     pub(super) fn count(&mut self, path: &str, n: Option<u32>, default: u32) -> NonZeroU32 {

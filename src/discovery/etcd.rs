@@ -85,9 +85,13 @@ impl WatchStatus {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub fn seconds_since_update(&self) -> Option<f64> {
+        self.lock().1.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64())
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
-        let (state, updated) = *self.lock();
-        let since = updated.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64());
+        let since = self.seconds_since_update();
+        let (state, _) = *self.lock();
         serde_json::json!({
             "state": state,
             "revision": self.revision.load(Ordering::Relaxed),
@@ -141,7 +145,10 @@ impl Watch {
         *attempt = 0;
         loop {
             let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-            let mut stream = client.watch(self.prefix.as_str(), Some(options)).await?;
+            // Creating a watch waits for a ready channel: bound it like any request.
+            let t = self.cluster.request_timeout;
+            let create = client.watch(self.prefix.as_str(), Some(options));
+            let mut stream = tokio::time::timeout(t, create).await.map_err(|_| WatchError::Timeout(t))??;
             status.set_state("watching");
             loop {
                 let Some(resp) = stream.message().await? else {

@@ -22,52 +22,130 @@ use super::error::ProxyError;
 use super::replay::{Replay, UpstreamBody};
 use super::retry::{self, Outcome};
 use crate::config::UpstreamProtocol;
+use crate::telemetry::access;
+use crate::telemetry::metrics;
+use crate::telemetry::trace::{self, Tracing};
 use crate::upstream::InFlight;
 use crate::upstream::breaker::Refused;
 use crate::upstream::budget::backoff;
+use opentelemetry::{Context, KeyValue};
 
 /// Reports how many attempts a request took (retries are visible to the app).
 pub const ATTEMPTS_HEADER: &str = "x-outrider-attempts";
+
+/// What one request's attempts leave behind for metrics, spans and the access log.
+struct Exchange<'a> {
+    attempts: u32,
+    endpoint: Option<SocketAddr>,
+    trace: Option<(&'a Tracing, Context)>,
+    method: usize,
+}
 
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
 pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone(); // shares the bytes: no allocation
-    let mut attempts = 0;
-    let mut resp = match forward(up, req, &mut attempts).await {
+    let trace = up
+        .telemetry
+        .tracing
+        .as_ref()
+        .map(|t| (t, t.start(req.headers(), method.as_str(), span_attributes(up, &req))));
+    let mut ex = Exchange { attempts: 0, endpoint: None, trace, method: metrics::method_class(&method) };
+    let mut reason = None;
+    let mut resp = match forward(up, req, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
             let endpoint = e.endpoint().map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(
-                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(), attempts,
+                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(), attempts = ex.attempts,
                 elapsed_ms = started.elapsed().as_millis() as u64, "request failed: {e}"
             );
+            reason = Some(e.code());
             e.into_response()
         }
     };
-    if attempts > 0 {
-        resp.headers_mut().insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+    if ex.attempts > 0 {
+        resp.headers_mut().insert(ATTEMPTS_HEADER, HeaderValue::from(ex.attempts));
+    }
+    let status = resp.status();
+    up.metrics.requests.add(ex.method, metrics::status_class(Some(status)));
+    up.metrics.request_duration.observe(started.elapsed());
+    let trace_id = ex.trace.as_ref().and_then(|(_, cx)| trace::trace_id(cx));
+    if let Some((_, cx)) = &ex.trace {
+        // Our reason when Outrider answered; the status class for an upstream 5xx.
+        let error = reason.or_else(|| status.is_server_error().then_some("5xx"));
+        trace::finish(cx, Some(status.as_u16()), error, endpoint_attributes(up, &ex));
+    }
+    if let Some(log) = &up.telemetry.access {
+        let bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        log.record(&access::Entry {
+            service: &up.name,
+            endpoint: ex.endpoint,
+            method: method.as_str(),
+            path: uri.path(),
+            status: status.as_u16(),
+            duration: started.elapsed(),
+            attempts: ex.attempts,
+            bytes,
+            reason,
+            trace_id,
+        });
     }
     resp
+}
+
+fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", req.method().as_str().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("outrider.service", up.name.to_string()),
+        KeyValue::new("outrider.picker", format!("{:?}", up.config.load_balancing)),
+        KeyValue::new("outrider.config_generation", up.generation as i64),
+        KeyValue::new("outrider.breaker_state", up.breaker.state_name()),
+    ];
+    if let Some(w) = &up.watch {
+        attrs.push(KeyValue::new(
+            "outrider.discovery_revision",
+            w.revision.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+    }
+    attrs
+}
+
+fn endpoint_attributes(up: &Upstream, ex: &Exchange<'_>) -> Vec<KeyValue> {
+    let mut attrs = vec![KeyValue::new("outrider.attempts", i64::from(ex.attempts))];
+    if let Some(addr) = ex.endpoint {
+        attrs.push(KeyValue::new("server.address", addr.ip().to_string()));
+        attrs.push(KeyValue::new("server.port", i64::from(addr.port())));
+        attrs.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+        attrs.push(KeyValue::new("outrider.endpoint", addr.to_string()));
+        let state =
+            up.balancer.describe().into_iter().find(|e| e.addr == addr).map_or("removed", |e| e.state);
+        attrs.push(KeyValue::new("outrider.endpoint_state", state));
+    }
+    attrs
 }
 
 /// Admission (rate limit, breaker), then attempts until one answers or no retry is allowed.
 async fn forward(
     up: &Upstream,
     req: Request<Incoming>,
-    attempts: &mut u32,
+    ex: &mut Exchange<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if let Some(limiter) = &up.limiter {
-        limiter.check(req.headers()).map_err(|wait| ProxyError::RateLimited(up.name.to_string(), wait))?;
+        limiter.check(req.headers()).map_err(|wait| {
+            metrics::inc(&up.metrics.rate_limited);
+            ProxyError::RateLimited(up.name.to_string(), wait)
+        })?;
     }
     let mut admission = up.breaker.admit().map_err(|r| match r {
         Refused::Open => ProxyError::CircuitOpen(up.name.to_string()),
         Refused::Overloaded => ProxyError::Overloaded(up.name.to_string(), up.breaker.config().max_in_flight),
     })?;
     if wants_upgrade(&req) {
-        *attempts = 1;
-        return forward_upgrade(up, req).await;
+        ex.attempts = 1;
+        return forward_upgrade(up, req, ex).await;
     }
     let policy = &up.config.resilience.retries;
     let safe = retry::safe_to_repeat(req.method(), req.headers(), policy);
@@ -81,22 +159,28 @@ async fn forward(
     let deadline = Instant::now() + up.config.timeouts.request;
     let mut tried = Vec::new();
     loop {
-        *attempts += 1;
+        ex.attempts += 1;
         let in_flight =
             up.balancer.pick_avoiding(&tried).ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
+        let addr = in_flight.addr();
+        ex.endpoint = Some(addr);
         let body = match &replay {
             Some(r) => r.attempt(),
             None => UpstreamBody::Direct(
                 direct.take().ok_or_else(|| ProxyError::BadRequest("body already sent".into()))?,
             ),
         };
-        let out = outbound(&parts, body, &in_flight, up.config.protocol)?;
-        let outcome = attempt(up, out, in_flight.addr(), deadline).await;
+        let mut out = outbound(&parts, body, &in_flight, up.config.protocol)?;
+        let attempt_span = trace_attempt(ex, &mut out);
+        let sent = Instant::now();
+        let outcome = attempt(up, out, addr, deadline).await;
+        record_attempt(up, ex, &in_flight, &outcome, sent.elapsed(), attempt_span);
         let failed = outcome.is_failure(&up.config.resilience.outlier);
         up.balancer.report(in_flight.state(), failed);
-        if let Some(delay) = next_retry(up, &outcome, *attempts, safe, replay.as_ref(), deadline) {
-            tracing::debug!(service = %up.name, endpoint = %in_flight.addr(), attempt = *attempts, ?delay, "retrying");
-            tried.push(in_flight.addr());
+        if let Some(delay) = next_retry(up, &outcome, ex.attempts, safe, replay.as_ref(), deadline) {
+            tracing::debug!(service = %up.name, endpoint = %addr, attempt = ex.attempts, ?delay, "retrying");
+            metrics::inc(&up.metrics.retries);
+            tried.push(addr);
             drop(outcome);
             tokio::time::sleep(delay).await;
             continue;
@@ -109,6 +193,50 @@ async fn forward(
                 Ok(resp.map(|body| ProxyBody::upstream(body, in_flight, admission)))
             }
         };
+    }
+}
+
+/// Injects trace context into an attempt; retries (attempt 2+) get a child span of their own.
+fn trace_attempt(ex: &Exchange<'_>, out: &mut Request<UpstreamBody>) -> Option<Context> {
+    let (tracer, cx) = ex.trace.as_ref()?;
+    let child = (ex.attempts > 1).then(|| {
+        let attrs = vec![KeyValue::new("outrider.attempt", i64::from(ex.attempts))];
+        tracer.child(cx, out.method().as_str(), attrs)
+    });
+    tracer.inject(child.as_ref().unwrap_or(cx), out.headers_mut());
+    child
+}
+
+fn record_attempt(
+    up: &Upstream,
+    ex: &Exchange<'_>,
+    in_flight: &InFlight,
+    outcome: &Outcome<Incoming>,
+    took: Duration,
+    span: Option<Context>,
+) {
+    up.metrics.upstream_duration.observe(took);
+    let status = match outcome {
+        Outcome::Response(r) => Some(r.status()),
+        Outcome::Failed(_) => None,
+    };
+    in_flight.state().requests.add(ex.method, metrics::status_class(status));
+    if let Outcome::Failed(ProxyError::Connect(..)) = outcome {
+        metrics::inc(&up.metrics.connect_errors);
+    }
+    if let Some(cx) = span {
+        let error = match outcome {
+            Outcome::Failed(e) => Some(e.code()),
+            Outcome::Response(r) if r.status().is_server_error() => Some("5xx"),
+            Outcome::Response(_) => None,
+        };
+        let endpoint = in_flight.addr();
+        let attrs = vec![
+            KeyValue::new("server.address", endpoint.ip().to_string()),
+            KeyValue::new("server.port", i64::from(endpoint.port())),
+            KeyValue::new("outrider.endpoint", endpoint.to_string()),
+        ];
+        trace::finish(&cx, status.map(|s| s.as_u16()), error, attrs);
     }
 }
 
@@ -150,6 +278,7 @@ fn next_retry(
         return None;
     }
     if !up.budget.try_retry() {
+        metrics::inc(&up.metrics.budget_exhausted);
         tracing::warn!(service = %up.name, "retry budget exhausted: not retrying");
         return None;
     }
@@ -160,14 +289,19 @@ fn next_retry(
 async fn forward_upgrade(
     up: &Upstream,
     mut req: Request<Incoming>,
+    ex: &mut Exchange<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let in_flight = up.balancer.pick().ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
     let addr = in_flight.addr();
+    ex.endpoint = Some(addr);
     let downstream = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     prepare(&mut parts);
     let mut out = outbound(&parts, UpstreamBody::Direct(body), &in_flight, up.config.protocol)?;
+    if let Some((tracer, cx)) = &ex.trace {
+        tracer.inject(cx, out.headers_mut());
+    }
     if let Some(upgrade) = upgrade {
         out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         out.headers_mut().insert(header::UPGRADE, upgrade);

@@ -28,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig, UpstreamProtocol};
+use crate::discovery::etcd::WatchStatus;
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
 use crate::upstream::breaker::Breaker;
 use crate::upstream::budget::Budget;
@@ -46,6 +49,21 @@ pub struct Upstream {
     pub breaker: Arc<Breaker>,
     pub budget: Arc<Budget>,
     pub limiter: Option<Arc<Limiter>>,
+    pub metrics: Arc<ServiceMetrics>,
+    pub telemetry: Arc<Telemetry>,
+    /// Context for spans: the config generation and the etcd watch (if any).
+    pub generation: u64,
+    pub watch: Option<Arc<WatchStatus>>,
+}
+
+/// What `Upstream::new` needs besides the service's own settings.
+#[derive(Debug)]
+pub struct Shared<'a> {
+    pub balancer: Arc<Balancer>,
+    pub metrics: Arc<ServiceMetrics>,
+    pub telemetry: &'a Arc<Telemetry>,
+    pub generation: u64,
+    pub watch: Option<Arc<WatchStatus>>,
 }
 
 /// A bound listener's accept loop; its route is swapped on reload without rebinding.
@@ -65,7 +83,7 @@ impl Upstream {
     pub fn new(
         name: &str,
         config: ServiceConfig,
-        balancer: Arc<Balancer>,
+        shared: Shared<'_>,
         previous: Option<&Upstream>,
     ) -> Upstream {
         let r = &config.resilience;
@@ -85,7 +103,19 @@ impl Upstream {
             (Some(l), Some(cfg)) if l.config == *cfg => Some(l.clone()),
             (_, cfg) => cfg.as_ref().map(|c| Arc::new(Limiter::new(c))),
         };
-        Upstream { name: name.into(), config, balancer, client, breaker, budget, limiter }
+        Upstream {
+            name: name.into(),
+            config,
+            balancer: shared.balancer,
+            client,
+            breaker,
+            budget,
+            limiter,
+            metrics: shared.metrics,
+            telemetry: shared.telemetry.clone(),
+            generation: shared.generation,
+            watch: shared.watch,
+        }
     }
 }
 

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 
 use super::Upstream;
 use crate::config::RetryOn;
+use crate::telemetry::{metrics, trace};
 use crate::upstream::InFlight;
+use opentelemetry::KeyValue;
 
 /// Proxies one accepted connection to the chosen endpoint until both sides close. A refused
 /// connection (rate limit, open breaker, no endpoint, connect failure) is simply closed.
@@ -27,19 +29,44 @@ pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     }
     let Ok(mut admission) = up.breaker.admit() else { return refuse("circuit_open_or_overloaded") };
     up.budget.record_request();
+    metrics::inc(&up.metrics.tcp_connections);
+    let span = up.telemetry.tracing.as_ref().map(|t| {
+        let attrs = vec![
+            KeyValue::new("network.transport", "tcp"),
+            KeyValue::new("outrider.service", up.name.to_string()),
+        ];
+        t.start(&http::HeaderMap::new(), "tcp", attrs)
+    });
     let Some((mut outbound, in_flight)) = connect(&up).await else {
         admission.record(false);
+        if let Some(cx) = span {
+            trace::finish(&cx, None, Some("connect_failed"), Vec::new());
+        }
         return;
     };
     admission.record(true);
     let addr = in_flight.addr();
     let _ = outbound.set_nodelay(true);
+    let (mut sent, mut received) = (0, 0);
     match copy_until_idle(&mut inbound, &mut outbound, up.config.timeouts.tcp_idle).await {
         Ok(Some((up_bytes, down_bytes))) => {
+            (sent, received) = (up_bytes, down_bytes);
             tracing::debug!(service = %up.name, endpoint = %addr, up_bytes, down_bytes, "tcp connection closed")
         }
         Ok(None) => tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection idle: closed"),
         Err(e) => tracing::debug!(service = %up.name, endpoint = %addr, "tcp connection ended: {e}"),
+    }
+    up.metrics.tcp_bytes_up.fetch_add(sent, Ordering::Relaxed);
+    up.metrics.tcp_bytes_down.fetch_add(received, Ordering::Relaxed);
+    if let Some(cx) = span {
+        let attrs = vec![
+            KeyValue::new("server.address", addr.ip().to_string()),
+            KeyValue::new("server.port", i64::from(addr.port())),
+            KeyValue::new("outrider.endpoint", addr.to_string()),
+            KeyValue::new("outrider.bytes_sent", sent as i64),
+            KeyValue::new("outrider.bytes_received", received as i64),
+        ];
+        trace::finish(&cx, None, None, attrs);
     }
 }
 

@@ -20,6 +20,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Balancer;
 use crate::config::{ActiveHealth, ProbeKind};
+use crate::telemetry::metrics::{ServiceMetrics, inc};
 
 /// One probe kind with its clients; cheap to share between concurrent probes.
 #[derive(Debug, Clone)]
@@ -112,9 +113,15 @@ fn serving(mut body: Bytes) -> bool {
 // === impl Checker ===
 
 impl Checker {
-    pub fn start(service: &str, config: &ActiveHealth, balancer: &Arc<Balancer>) -> Checker {
+    pub fn start(
+        service: &str,
+        config: &ActiveHealth,
+        balancer: &Arc<Balancer>,
+        metrics: &Arc<ServiceMetrics>,
+    ) -> Checker {
         let stop = CancellationToken::new();
-        let task = run(service.to_string(), config.clone(), Arc::downgrade(balancer), stop.clone());
+        let task =
+            run(service.to_string(), config.clone(), Arc::downgrade(balancer), metrics.clone(), stop.clone());
         tokio::spawn(task);
         Checker { config: config.clone(), _stop: stop.drop_guard() }
     }
@@ -124,6 +131,7 @@ async fn run(
     service: String,
     cfg: ActiveHealth,
     balancer: std::sync::Weak<Balancer>,
+    metrics: Arc<ServiceMetrics>,
     stop: CancellationToken,
 ) {
     let prober = Prober::new(cfg.probe.clone(), cfg.timeout);
@@ -146,6 +154,7 @@ async fn run(
         let mut changed = false;
         for e in &endpoints {
             let ok = results.get(&e.addr).copied().unwrap_or(false);
+            inc(if ok { &metrics.health_checks_ok } else { &metrics.health_checks_failed });
             let health = &e.state.health;
             let streak = streaks.entry(e.addr).or_default();
             if ok == health.is_healthy() {

@@ -22,6 +22,7 @@ use http::uri::Authority;
 use serde::Serialize;
 
 use crate::config::{EndpointSpec, Outlier, Policy};
+use crate::telemetry::metrics::Matrix;
 use outlier::{Change, Ejection, Health};
 use pick::Picker;
 
@@ -33,6 +34,8 @@ pub struct EndpointState {
     pub authority: Authority,
     in_flight: AtomicUsize,
     pub health: Health,
+    /// Attempts sent here, by method and status class (for `/metrics`).
+    pub requests: Matrix,
 }
 
 /// An endpoint as one snapshot sees it: its current weight and tags plus its shared state.
@@ -75,6 +78,7 @@ pub struct Balancer {
     writer: Mutex<Settings>,
     /// For the timers that end ejections.
     this: Weak<Balancer>,
+    pub ejections: std::sync::atomic::AtomicU64,
 }
 
 /// Holds one unit of an endpoint's in-flight count until dropped.
@@ -89,7 +93,13 @@ impl EndpointState {
     fn new(addr: SocketAddr) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid"));
-        EndpointState { addr, authority, in_flight: AtomicUsize::new(0), health: Health::default() }
+        EndpointState {
+            addr,
+            authority,
+            in_flight: AtomicUsize::new(0),
+            health: Health::default(),
+            requests: Matrix::default(),
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -149,6 +159,7 @@ impl Balancer {
             counter: AtomicUsize::new(0),
             writer: Mutex::new(settings),
             this: this.clone(),
+            ejections: Default::default(),
         })
     }
 
@@ -192,6 +203,7 @@ impl Balancer {
                 self.refresh();
             }
             Change::Ejected(duration) => {
+                self.ejections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(endpoint = %endpoint.addr, ?duration, times = endpoint.health.times_ejected(), "endpoint ejected after consecutive failures");
                 self.refresh();
                 let this = self.this.clone();

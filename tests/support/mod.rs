@@ -104,12 +104,21 @@ pub fn closed_port() -> SocketAddr {
     socket.local_addr().unwrap()
 }
 
+/// Outrider's logs go to the test's captured output: shown only when a test fails.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("outrider=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 pub async fn start_app(yaml: &str) -> App {
+    capture_logs();
     let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
     App::start(config, None).await.expect("app starts")
 }
 
 pub async fn start_app_with_file(path: &std::path::Path) -> App {
+    capture_logs();
     let config = Config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
     App::start(config, Some(path.to_path_buf())).await.expect("app starts")
 }
