@@ -35,6 +35,11 @@ fn svc(name: &str) -> Labels<'_> {
 
 fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, u64)]) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = rows
+        && labels.is_empty()
+    {
+        return ConstCounter::new(*v).encode(m);
+    }
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
     }
@@ -43,6 +48,11 @@ fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels,
 
 fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, i64)]) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if let [(labels, v)] = rows
+        && labels.is_empty()
+    {
+        return ConstGauge::new(*v).encode(m);
+    }
     for (labels, v) in rows {
         ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
     }
