@@ -2,6 +2,7 @@
 # Rough end-to-end HTTP/1.1 keep-alive throughput: wrk → Outrider → nginx, against wrk → nginx
 # directly, in the same run. Outrider is pinned to core 0; nginx and wrk share core 1.
 # Usage: benches/e2e.sh [seconds]   (installs nginx-light and wrk from Debian when missing)
+#        EXTRA_YAML='tracing: {...}' benches/e2e.sh 10   appends top-level config to Outrider's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -31,6 +32,7 @@ cat > "$work/outrider.yaml" <<YAML
 admin: { bind: 127.0.0.1:$admin }
 listeners: [{ name: bench, bind: 127.0.0.1:$front, service: backend }]
 services: { backend: { endpoints: [{ addr: 127.0.0.1:$backend }] } }
+${EXTRA_YAML:-}
 YAML
 RUST_LOG=warn taskset -c 0 target/release/outrider run --config "$work/outrider.yaml" &
 until curl -sf "http://127.0.0.1:$admin/ready" >/dev/null; do sleep 0.05; done

@@ -46,11 +46,9 @@ pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone(); // shares the bytes: no allocation
-    let trace = up
-        .telemetry
-        .tracing
-        .as_ref()
-        .map(|t| (t, t.start(req.headers(), method.as_str(), span_attributes(up, &req))));
+    let trace = up.telemetry.tracing.as_ref().and_then(|t| {
+        Some((t, t.start(req.headers(), trace::span_name(&method), || span_attributes(up, &req))?))
+    });
     let mut ex = Exchange { attempts: 0, endpoint: None, trace, method: metrics::method_class(&method) };
     let mut reason = None;
     let mut resp = match forward(up, req, &mut ex).await {
@@ -71,13 +69,13 @@ pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody
     let status = resp.status();
     up.metrics.requests.add(ex.method, metrics::status_class(Some(status)));
     up.metrics.request_duration.observe(started.elapsed());
-    let trace_id = ex.trace.as_ref().and_then(|(_, cx)| trace::trace_id(cx));
     if let Some((_, cx)) = &ex.trace {
         // Our reason when Outrider answered; the status class for an upstream 5xx.
         let error = reason.or_else(|| status.is_server_error().then_some("5xx"));
-        trace::finish(cx, Some(status.as_u16()), error, endpoint_attributes(up, &ex));
+        trace::finish(cx, Some(status.as_u16()), error, || endpoint_attributes(up, &ex));
     }
     if let Some(log) = &up.telemetry.access {
+        let trace_id = ex.trace.as_ref().and_then(|(_, cx)| trace::trace_id(cx));
         let bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
         log.record(&access::Entry {
             service: &up.name,
@@ -200,8 +198,8 @@ async fn forward(
 fn trace_attempt(ex: &Exchange<'_>, out: &mut Request<UpstreamBody>) -> Option<Context> {
     let (tracer, cx) = ex.trace.as_ref()?;
     let child = (ex.attempts > 1).then(|| {
-        let attrs = vec![KeyValue::new("outrider.attempt", i64::from(ex.attempts))];
-        tracer.child(cx, out.method().as_str(), attrs)
+        let attempt = i64::from(ex.attempts);
+        tracer.child(cx, trace::span_name(out.method()), || vec![KeyValue::new("outrider.attempt", attempt)])
     });
     tracer.inject(child.as_ref().unwrap_or(cx), out.headers_mut());
     child
@@ -231,11 +229,13 @@ fn record_attempt(
             Outcome::Response(_) => None,
         };
         let endpoint = in_flight.addr();
-        let attrs = vec![
-            KeyValue::new("server.address", endpoint.ip().to_string()),
-            KeyValue::new("server.port", i64::from(endpoint.port())),
-            KeyValue::new("outrider.endpoint", endpoint.to_string()),
-        ];
+        let attrs = || {
+            vec![
+                KeyValue::new("server.address", endpoint.ip().to_string()),
+                KeyValue::new("server.port", i64::from(endpoint.port())),
+                KeyValue::new("outrider.endpoint", endpoint.to_string()),
+            ]
+        };
         trace::finish(&cx, status.map(|s| s.as_u16()), error, attrs);
     }
 }

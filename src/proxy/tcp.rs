@@ -30,17 +30,19 @@ pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     let Ok(mut admission) = up.breaker.admit() else { return refuse("circuit_open_or_overloaded") };
     up.budget.record_request();
     metrics::inc(&up.metrics.tcp_connections);
-    let span = up.telemetry.tracing.as_ref().map(|t| {
-        let attrs = vec![
-            KeyValue::new("network.transport", "tcp"),
-            KeyValue::new("outrider.service", up.name.to_string()),
-        ];
+    let span = up.telemetry.tracing.as_ref().and_then(|t| {
+        let attrs = || {
+            vec![
+                KeyValue::new("network.transport", "tcp"),
+                KeyValue::new("outrider.service", up.name.to_string()),
+            ]
+        };
         t.start(&http::HeaderMap::new(), "tcp", attrs)
     });
     let Some((mut outbound, in_flight)) = connect(&up).await else {
         admission.record(false);
         if let Some(cx) = span {
-            trace::finish(&cx, None, Some("connect_failed"), Vec::new());
+            trace::finish(&cx, None, Some("connect_failed"), Vec::new);
         }
         return;
     };
@@ -59,13 +61,15 @@ pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     up.metrics.tcp_bytes_up.fetch_add(sent, Ordering::Relaxed);
     up.metrics.tcp_bytes_down.fetch_add(received, Ordering::Relaxed);
     if let Some(cx) = span {
-        let attrs = vec![
-            KeyValue::new("server.address", addr.ip().to_string()),
-            KeyValue::new("server.port", i64::from(addr.port())),
-            KeyValue::new("outrider.endpoint", addr.to_string()),
-            KeyValue::new("outrider.bytes_sent", sent as i64),
-            KeyValue::new("outrider.bytes_received", received as i64),
-        ];
+        let attrs = || {
+            vec![
+                KeyValue::new("server.address", addr.ip().to_string()),
+                KeyValue::new("server.port", i64::from(addr.port())),
+                KeyValue::new("outrider.endpoint", addr.to_string()),
+                KeyValue::new("outrider.bytes_sent", sent as i64),
+                KeyValue::new("outrider.bytes_received", received as i64),
+            ]
+        };
         trace::finish(&cx, None, None, attrs);
     }
 }

@@ -30,6 +30,8 @@ use crate::config::{OtlpProtocol, TracingConfig};
 /// The tracer and what it reports about its own health.
 #[derive(Debug)]
 pub struct Tracing {
+    /// 0: traces are only continued, never started (no span work without a `traceparent`).
+    ratio: f64,
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
@@ -87,23 +89,51 @@ impl Tracing {
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("outrider");
-        Ok(Tracing { provider, tracer, propagator: TraceContextPropagator::new(), queue, stats })
+        Ok(Tracing {
+            ratio: cfg.sampling_ratio,
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+            queue,
+            stats,
+        })
     }
 
-    /// Starts a CLIENT span continuing the trace in `headers` (or a new trace).
-    pub fn start(&self, headers: &HeaderMap, name: &str, attributes: Vec<KeyValue>) -> Context {
+    /// Starts a CLIENT span continuing the trace in `headers` (or a new trace). Attributes
+    /// are built only for sampled spans: an unsampled request pays for ids, not strings.
+    /// With a sampling ratio of 0 and no incoming `traceparent` there is nothing to continue
+    /// or record, so no span is made at all (`None`).
+    pub fn start(
+        &self,
+        headers: &HeaderMap,
+        name: &'static str,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Context> {
+        if self.ratio == 0.0 && !headers.contains_key("traceparent") {
+            return None;
+        }
         let parent = self.propagator.extract(&HeaderExtractor(headers));
-        self.child(&parent, name, attributes)
+        Some(self.child(&parent, name, attributes))
     }
 
-    pub fn child(&self, parent: &Context, name: &str, attributes: Vec<KeyValue>) -> Context {
+    pub fn child(
+        &self,
+        parent: &Context,
+        name: &'static str,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Context {
         let span = self
             .tracer
-            .span_builder(Cow::Owned(name.to_string()))
+            .span_builder(Cow::Borrowed(name))
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, parent);
-        parent.with_span(span)
+        let cx = parent.with_span(span);
+        if cx.span().is_recording() {
+            for kv in attributes() {
+                cx.span().set_attribute(kv);
+            }
+        }
+        cx
     }
 
     /// Writes `traceparent`/`tracestate` for `cx` into an upstream request.
@@ -121,9 +151,18 @@ impl Tracing {
     }
 }
 
-/// Ends the span in `cx` with the outcome attributes.
-pub fn finish(cx: &Context, status: Option<u16>, error: Option<&'static str>, extra: Vec<KeyValue>) {
+/// Ends the span in `cx` with the outcome attributes (built only if it is sampled).
+pub fn finish(
+    cx: &Context,
+    status: Option<u16>,
+    error: Option<&'static str>,
+    extra: impl FnOnce() -> Vec<KeyValue>,
+) {
     let span = cx.span();
+    if !span.is_recording() {
+        span.end();
+        return;
+    }
     if let Some(s) = status {
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(s)));
     }
@@ -131,10 +170,27 @@ pub fn finish(cx: &Context, status: Option<u16>, error: Option<&'static str>, ex
         span.set_attribute(KeyValue::new("error.type", e));
         span.set_status(opentelemetry::trace::Status::error(e));
     }
-    for kv in extra {
+    for kv in extra() {
         span.set_attribute(kv);
     }
     span.end();
+}
+
+/// The span name for a method: the method itself, or `HTTP` for non-standard ones
+/// (OpenTelemetry HTTP conventions), without allocating.
+pub fn span_name(m: &http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "HTTP",
+    }
 }
 
 pub fn trace_id(cx: &Context) -> Option<String> {

@@ -117,7 +117,7 @@ impl EndpointState {
         self.health.is_healthy() && matches!(self.health.ejection(), Ejection::Active | Ejection::Probing)
     }
 
-    fn state_name(&self) -> &'static str {
+    pub fn state_name(&self) -> &'static str {
         match (self.health.is_healthy(), self.health.ejection()) {
             (false, _) => "unhealthy",
             (true, Ejection::Active) => "active",
