@@ -1,0 +1,87 @@
+//! Microbenchmarks (divan): `cargo bench --bench micro`.
+//!
+//! Pickers at 3 to 10,000 endpoints, alone and contended (2 threads on one balancer); an
+//! endpoint-set update (diff + rebuild + swap) at the same sizes; validating the reference
+//! config; and the metrics a request records.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use divan::Bencher;
+use outrider::config::{Config, EndpointSpec, Policy};
+use outrider::telemetry::metrics::{Matrix, ServiceMetrics};
+use outrider::upstream::Balancer;
+
+fn main() {
+    divan::main();
+}
+
+const SIZES: [usize; 4] = [3, 100, 1_000, 10_000];
+
+fn specs(n: usize, weighted: bool) -> Vec<EndpointSpec> {
+    (0..n)
+        .map(|i| EndpointSpec {
+            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)),
+            weight: NonZeroU32::new(if weighted { 1 + (i % 5) as u32 } else { 1 }).unwrap(),
+            tags: Default::default(),
+        })
+        .collect()
+}
+
+fn balancer(policy: Policy, n: usize, weighted: bool) -> std::sync::Arc<Balancer> {
+    let b = Balancer::new(policy, &Default::default());
+    b.update(&specs(n, weighted));
+    b
+}
+
+#[divan::bench(args = SIZES, threads = [1, 2])]
+fn pick_weighted_round_robin(bencher: Bencher, n: usize) {
+    let b = balancer(Policy::WeightedRoundRobin, n, true);
+    bencher.bench(|| b.pick());
+}
+
+#[divan::bench(args = SIZES, threads = [1, 2])]
+fn pick_round_robin_equal_weights(bencher: Bencher, n: usize) {
+    let b = balancer(Policy::WeightedRoundRobin, n, false);
+    bencher.bench(|| b.pick());
+}
+
+#[divan::bench(args = SIZES, threads = [1, 2])]
+fn pick_least_request(bencher: Bencher, n: usize) {
+    let b = balancer(Policy::LeastRequest, n, true);
+    bencher.bench(|| b.pick());
+}
+
+/// Replace the set with one where a tenth of the endpoints changed (the usual churn).
+#[divan::bench(args = SIZES)]
+fn update_endpoint_set(bencher: Bencher, n: usize) {
+    let b = balancer(Policy::WeightedRoundRobin, n, true);
+    let (a, mut c) = (specs(n, true), specs(n, true));
+    for (i, e) in c.iter_mut().enumerate().filter(|(i, _)| i % 10 == 0) {
+        e.addr.set_port(9000 + (i % 1000) as u16);
+    }
+    let mut flip = false;
+    bencher.bench_local(|| {
+        flip = !flip;
+        b.update(if flip { &c } else { &a });
+    });
+}
+
+#[divan::bench]
+fn validate_reference_config(bencher: Bencher) {
+    let text = include_str!("../config/reference.yaml");
+    bencher.bench(|| Config::parse_with_env(text, HashMap::new()).unwrap());
+}
+
+#[divan::bench(threads = [1, 2])]
+fn record_request_metrics(bencher: Bencher) {
+    let (m, e) = (ServiceMetrics::default(), Matrix::default());
+    bencher.bench(|| {
+        m.requests.add(0, 1);
+        e.add(0, 1);
+        m.request_duration.observe(Duration::from_micros(700));
+        m.upstream_duration.observe(Duration::from_micros(600));
+    });
+}

@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark suite: Outrider side by side with HAProxy and nginx.
+
+Run from the repository root:  python3 benches/suite.py [--seconds N] [--rounds N]
+
+Installs what it needs when missing (Debian: nginx-light, libnginx-mod-stream, haproxy, wrk,
+nghttp2-client; cargo: oha), builds the release binary, and writes benches/RESULTS.md.
+Each proxy runs pinned to core 0; the nginx backend and the load generators share core 1.
+Proxies are measured in alternation, `--rounds` times, and each figure is the median.
+All traffic stays on 127.0.0.1; every run is bounded in time.
+"""
+import argparse, json, os, platform, resource, shutil, socket, statistics, subprocess, sys, tempfile, time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "outrider")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, text=True, capture_output=True, **kw).stdout
+
+
+def ensure_tools():
+    debs = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client", "etcd": "etcd-server"}
+    missing = [pkg for tool, pkg in debs.items() if not shutil.which(tool)]
+    if not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
+        missing.append("libnginx-mod-stream")
+    if missing:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq"] + missing, check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not shutil.which("oha") and not os.path.exists(os.path.expanduser("~/.cargo/bin/oha")):
+        subprocess.run(["cargo", "install", "oha", "--locked"], check=True)
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=ROOT, check=True)
+
+
+def oha_bin():
+    return shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Env:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="outrider-bench-")
+        self.procs = []
+        self.backend = free_port()
+        self.backend_b = free_port()
+
+    def spawn(self, cmd, core, **kw):
+        p = subprocess.Popen(["taskset", "-c", str(core)] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def start_backend(self):
+        conf = self.write("backend.conf", f"""
+worker_processes 1; daemon off; pid {self.dir}/backend.pid; error_log {self.dir}/backend.err;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  server {{ listen 127.0.0.1:{self.backend}; location / {{ return 200 "hello\\n"; }} }}
+  server {{ listen 127.0.0.1:{self.backend_b}; location / {{ return 200 "b\\n"; }} }} }}
+""")
+        self.spawn(["nginx", "-p", self.dir, "-c", conf], core=1)
+        wait_port(self.backend)
+
+    def start_outrider(self, extra=""):
+        self.o_http, self.o_tcp, self.o_admin = free_port(), free_port(), free_port()
+        conf = self.write("outrider.yaml", f"""
+admin: {{ bind: 127.0.0.1:{self.o_admin} }}
+listeners:
+  - {{ name: http, bind: 127.0.0.1:{self.o_http}, service: b }}
+  - {{ name: tcp, bind: 127.0.0.1:{self.o_tcp}, protocol: tcp, service: b }}
+services:
+  b: {{ endpoints: [{{ addr: 127.0.0.1:{self.backend} }}] }}
+logging: {{ level: warn }}
+{extra}
+""")
+        p = self.spawn([BIN, "run", "--config", conf], core=0)
+        wait_port(self.o_http)
+        return p
+
+    def start_haproxy(self):
+        self.h_http, self.h_h2, self.h_tcp = free_port(), free_port(), free_port()
+        conf = self.write("haproxy.cfg", f"""
+global
+  nbthread 1
+  maxconn 30000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend fh
+  bind 127.0.0.1:{self.h_http}
+  bind 127.0.0.1:{self.h_h2} proto h2
+  default_backend bh
+backend bh
+  server s1 127.0.0.1:{self.backend}
+frontend ft
+  mode tcp
+  bind 127.0.0.1:{self.h_tcp}
+  default_backend bt
+backend bt
+  mode tcp
+  server s1 127.0.0.1:{self.backend}
+""")
+        p = self.spawn(["haproxy", "-f", conf, "-db"], core=0)
+        wait_port(self.h_http)
+        return p
+
+    def start_nginx(self):
+        self.n_http, self.n_h2, self.n_tcp = free_port(), free_port(), free_port()
+        conf = self.write("nginx.conf", f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1; daemon off; pid {self.dir}/proxy.pid; error_log {self.dir}/proxy.err;
+worker_rlimit_nofile 30000;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000;
+  upstream b {{ server 127.0.0.1:{self.backend}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{self.n_http}; listen 127.0.0.1:{self.n_h2} http2;
+    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }} }} }}
+stream {{ upstream bt {{ server 127.0.0.1:{self.backend}; }}
+  server {{ listen 127.0.0.1:{self.n_tcp}; proxy_pass bt; }} }}
+""")
+        p = self.spawn(["nginx", "-p", self.dir, "-c", conf], core=0)
+        wait_port(self.n_http)
+        return p
+
+
+def load(cmd):
+    return sh(["taskset", "-c", "1"] + cmd)
+
+
+def wrk_rps(port, secs):
+    out = load(["wrk", "-t1", "-c50", f"-d{secs}s", f"http://127.0.0.1:{port}/"])
+    return float(next(l.split()[1] for l in out.splitlines() if l.startswith("Requests/sec")))
+
+
+def oha_latency(port, secs, rate):
+    out = load([oha_bin(), "-z", f"{secs}s", "-q", str(rate), "-c", "16", "--latency-correction", "--no-tui",
+                "--output-format", "json", f"http://127.0.0.1:{port}/"])
+    j = json.loads(out)
+    pct = j["latencyPercentiles"]
+    return pct["p50"] * 1e6, pct["p99"] * 1e6  # microseconds
+
+
+def h2load_rps(port, secs):
+    out = load(["h2load", "-c", "10", "-m", "10", "-D", str(secs), f"http://127.0.0.1:{port}/"])
+    line = next(l for l in out.splitlines() if l.startswith("finished in"))
+    return float(line.split(",")[1].split()[0])
+
+
+def measure(env, secs, rounds, rate):
+    targets = {
+        "direct": dict(http=env.backend, tcp=env.backend, h2=None),
+        "outrider": dict(http=env.o_http, tcp=env.o_tcp, h2=env.o_http),
+        "haproxy": dict(http=env.h_http, tcp=env.h_tcp, h2=env.h_h2),
+        "nginx": dict(http=env.n_http, tcp=env.n_tcp, h2=env.n_h2),
+    }
+    results = {name: {"rps": [], "p50": [], "p99": [], "h2": [], "tcp": []} for name in targets}
+    for r in range(rounds):
+        for name, t in targets.items():  # alternate the proxies within each round
+            results[name]["rps"].append(wrk_rps(t["http"], secs))
+            p50, p99 = oha_latency(t["http"], secs, rate)
+            results[name]["p50"].append(p50)
+            results[name]["p99"].append(p99)
+            if t["h2"]:
+                results[name]["h2"].append(h2load_rps(t["h2"], secs))
+            results[name]["tcp"].append(wrk_rps(t["tcp"], secs))
+            print(f"round {r + 1} {name}: {results[name]['rps'][-1]:.0f} req/s, p99 {p99:.0f} us", flush=True)
+    return {n: {k: statistics.median(v) if v else None for k, v in m.items()} for n, m in results.items()}
+
+
+def footprint(env):
+    """RSS idle, with 1,000 endpoints, holding 10,000 idle connections; start-to-ready."""
+    out = {}
+    admin, port = free_port(), free_port()
+    conf = env.write("idle.yaml", f"admin: {{ bind: 127.0.0.1:{admin} }}\nlisteners: [{{ name: h, bind: 127.0.0.1:{port}, service: b }}]\n"
+                     f"services: {{ b: {{ endpoints: [{{ addr: 127.0.0.1:{env.backend} }}] }} }}\nlogging: {{ level: warn }}\n")
+    started = time.perf_counter()
+    p = env.spawn([BIN, "run", "--config", conf], core=0)
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.001)
+        if time.perf_counter() - started > 10:
+            raise RuntimeError("never ready")
+    out["start_to_ready_ms"] = (time.perf_counter() - started) * 1000
+    time.sleep(0.5)
+    out["rss_idle_kib"] = rss_kib(p.pid)
+    eps = ", ".join(f"{{ addr: 127.0.0.{1 + i // 250}:{20000 + i % 250} }}" for i in range(1000))
+    conf = env.write("big.yaml", f"admin: {{ bind: 127.0.0.1:{free_port()} }}\nlisteners: [{{ name: h, bind: 127.0.0.1:{free_port()}, service: b }}]\n"
+                     f"services: {{ b: {{ endpoints: [{eps}] }} }}\nlogging: {{ level: warn }}\n")
+    big = env.spawn([BIN, "run", "--config", conf], core=0)
+    time.sleep(1)
+    out["rss_1000_endpoints_kib"] = rss_kib(big.pid)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 30000), hard))
+    socks = []
+    for _ in range(10000):
+        socks.append(socket.create_connection(("127.0.0.1", port)))
+    time.sleep(1)
+    out["rss_10000_idle_conns_kib"] = rss_kib(p.pid)
+    for s in socks:
+        s.close()
+    return out
+
+
+def etcd_propagation(env, samples=100):
+    """etcd put -> first request routed to the new endpoint, in milliseconds."""
+    client, peer = free_port(), free_port()
+    data = os.path.join(env.dir, "etcd")
+    url = f"http://127.0.0.1:{client}"
+    env.spawn(["etcd", "--data-dir", data, "--listen-client-urls", url, "--advertise-client-urls", url,
+               "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+               "--initial-cluster", f"default=http://127.0.0.1:{peer}"], core=1)
+    wait_port(client)
+    time.sleep(1)
+    admin, port = free_port(), free_port()
+    conf = env.write("etcd.yaml", f"admin: {{ bind: 127.0.0.1:{admin} }}\netcd: {{ endpoints: [{url}] }}\n"
+                     f"listeners: [{{ name: h, bind: 127.0.0.1:{port}, service: b }}]\nservices: {{ b: {{ discovery: etcd }} }}\nlogging: {{ level: warn }}\n")
+    env.spawn([BIN, "run", "--config", conf], core=0)
+    wait_port(port)
+    etcdctl = lambda *a: subprocess.run(["etcdctl", f"--endpoints={url}", *a], check=True, capture_output=True)
+    current = (env.backend, "hello")
+    etcdctl("put", "svc/b/x", f"127.0.0.1:{current[0]}")
+    lat = []
+    for i in range(samples):
+        nxt = (env.backend_b, "b") if current[0] == env.backend else (env.backend, "hello")
+        t0 = time.perf_counter()
+        etcdctl("put", "svc/b/x", f"127.0.0.1:{nxt[0]}")
+        put_done = time.perf_counter()
+        while True:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode().strip()
+            if body == nxt[1]:
+                break
+        lat.append((time.perf_counter() - put_done) * 1000)
+        current = nxt
+    lat.sort()
+    return {"p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99) - 1], "max_ms": lat[-1], "samples": samples}
+
+
+def report(res, fp, prop, args):
+    d, o, h, n = res["direct"], res["outrider"], res["haproxy"], res["nginx"]
+    ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
+    lines = [
+        "# Benchmark results", "",
+        f"Command: `python3 benches/suite.py --seconds {args.seconds} --rounds {args.rounds} --rate {args.rate}`  ",
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}; "
+        f"HAProxy `{sh('haproxy -v').splitlines()[0].split()[2]}`, nginx `{sh('nginx -v 2>&1').strip().split('/')[-1]}`.  ",
+        "Each proxy pinned to core 0 (HAProxy nbthread 1, nginx 1 worker, Outrider's runtime sees 1 core); "
+        "nginx backend and load generators on core 1. Medians of the rounds; proxies alternate within each round.", "",
+        "| figure | direct | Outrider | HAProxy | nginx | Outrider/HAProxy | Outrider/nginx | Outrider/direct |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    def row(name, key, fmt, better_low=False):
+        vals = [res[x][key] for x in ("direct", "outrider", "haproxy", "nginx")]
+        cells = [fmt(v) if v is not None else "n/a" for v in vals]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio(vals[1], vals[2])} | {ratio(vals[1], vals[3])} | {ratio(vals[1], vals[0])} |")
+    row("HTTP/1.1 keep-alive req/s (wrk -c50)", "rps", lambda v: f"{v:,.0f}")
+    row(f"p50 latency µs at {args.rate} req/s (oha)", "p50", lambda v: f"{v:.0f}")
+    row(f"p99 latency µs at {args.rate} req/s (oha)", "p99", lambda v: f"{v:.0f}")
+    row("HTTP/2 h2c req/s (h2load -c10 -m10)", "h2", lambda v: f"{v:,.0f}")
+    row("TCP mode req/s (wrk through L4)", "tcp", lambda v: f"{v:,.0f}")
+    added = lambda x, k: res[x][k] - d[k]
+    lines += ["", "Added latency over direct (µs): " + ", ".join(
+        f"{x}: p50 {added(x, 'p50'):+.0f}, p99 {added(x, 'p99'):+.0f}" for x in ("outrider", "haproxy", "nginx")), "",
+        "## Footprint (Outrider)", "",
+        f"- start to ready: {fp['start_to_ready_ms']:.1f} ms",
+        f"- RSS idle: {fp['rss_idle_kib'] / 1024:.1f} MiB",
+        f"- RSS with 1,000 endpoints: {fp['rss_1000_endpoints_kib'] / 1024:.1f} MiB",
+        f"- RSS holding 10,000 idle client connections: {fp['rss_10000_idle_conns_kib'] / 1024:.1f} MiB",
+        "", "## etcd put → first request routed", "",
+        f"- {prop['samples']} samples: p50 {prop['p50_ms']:.1f} ms, p99 {prop['p99_ms']:.1f} ms, max {prop['max_ms']:.1f} ms "
+        "(measured from `etcdctl put` returning to the first response from the new endpoint; includes one HTTP round trip per poll)", ""]
+    with open(os.path.join(ROOT, "benches", "RESULTS.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=int, default=5000, help="fixed offered rate for the latency test")
+    args = ap.parse_args()
+    ensure_tools()
+    env = Env()
+    try:
+        env.start_backend()
+        env.start_outrider()
+        env.start_haproxy()
+        env.start_nginx()
+        res = measure(env, args.seconds, args.rounds, args.rate)
+        fp = footprint(env)
+        prop = etcd_propagation(env)
+        report(res, fp, prop, args)
+    finally:
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
