@@ -126,7 +126,7 @@ logging: {{ level: warn }}
         conf = self.write("haproxy.cfg", f"""
 global
   nbthread 1
-  maxconn 30000
+  maxconn 8000
 defaults
   mode http
   timeout connect 1s
@@ -157,7 +157,7 @@ backend bt
         conf = self.write("nginx.conf", f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1; daemon off; pid {self.dir}/proxy.pid; error_log {self.dir}/proxy.err;
-worker_rlimit_nofile 30000;
+worker_rlimit_nofile 16000;
 events {{ worker_connections 20000; }}
 http {{ access_log off; keepalive_requests 10000000;
   upstream b {{ server 127.0.0.1:{self.backend}; keepalive 128; }}

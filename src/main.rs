@@ -51,8 +51,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// One worker per core this process may run on (cgroup/affinity aware); a single-core
+/// sidecar gets the single-threaded scheduler, which needs no cross-thread wake-ups.
+/// `OUTRIDER_WORKER_THREADS` overrides the count.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")
+    let threads = std::env::var("OUTRIDER_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let mut builder = match threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build().context("cannot start the tokio runtime")
 }
 
 fn check(file: &std::path::Path) -> ExitCode {

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -149,7 +150,9 @@ async fn forward(
     let safe = retry::safe_to_repeat(req.method(), req.headers(), policy);
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts);
+    let empty = body.is_end_stream();
     let (replay, mut direct) = match policy.max_attempts {
+        _ if empty => (None, None),
         1 => (None, Some(body)),
         _ => (Some(Replay::new(body, policy.buffer_bytes)), None),
     };
@@ -162,9 +165,10 @@ async fn forward(
             up.balancer.pick_avoiding(&tried).ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
         let addr = in_flight.addr();
         ex.endpoint = Some(addr);
-        let body = match &replay {
-            Some(r) => r.attempt(),
-            None => UpstreamBody::Direct(
+        let body = match (&replay, empty) {
+            (_, true) => UpstreamBody::Empty,
+            (Some(r), false) => r.attempt(),
+            (None, false) => UpstreamBody::Direct(
                 direct.take().ok_or_else(|| ProxyError::BadRequest("body already sent".into()))?,
             ),
         };
@@ -269,7 +273,8 @@ fn next_retry(
         return None;
     }
     let never_sent = outcome.retryable(policy)?;
-    if !(never_sent || safe) || !replay?.replayable() {
+    // No replay buffer: an empty body (always replayable) or a single-attempt policy.
+    if !(never_sent || safe) || !replay.is_none_or(Replay::replayable) {
         return None;
     }
     let delay = backoff(attempts, policy.backoff_base, policy.backoff_max);

@@ -20,6 +20,8 @@ use hyper::body::Incoming;
 /// The body as the upstream client sends it.
 #[derive(Debug)]
 pub enum UpstreamBody {
+    /// No body (most GETs): every attempt can send it, with nothing to keep.
+    Empty,
     /// Not retryable: the app's body as is.
     Direct(Incoming),
     Replay(Attempt),
@@ -166,6 +168,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
+            UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Direct(b) => Pin::new(b).poll_frame(cx),
             UpstreamBody::Replay(b) => Pin::new(b).poll_frame(cx),
         }
@@ -173,6 +176,7 @@ impl Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
+            UpstreamBody::Empty => true,
             UpstreamBody::Direct(b) => b.is_end_stream(),
             UpstreamBody::Replay(b) => b.is_end_stream(),
         }
@@ -180,6 +184,7 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Direct(b) => b.size_hint(),
             UpstreamBody::Replay(b) => b.size_hint(),
         }
