@@ -129,7 +129,7 @@ async fn trailers_backend() -> Backend {
             Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
             Ok(Frame::trailers(trailers)),
         ];
-        let mut resp = Response::new(StreamBody::new(futures_iter(frames)).boxed());
+        let mut resp = Response::new(StreamBody::new(stream_of(frames)).boxed());
         resp.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
         // HTTP/1.1 sends only the trailer fields a response announces.
         resp.headers_mut().insert("trailer", "grpc-status, grpc-message".parse().unwrap());
@@ -138,19 +138,6 @@ async fn trailers_backend() -> Backend {
     .await
 }
 
-fn futures_iter<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
-    struct Iter<T>(std::vec::IntoIter<T>);
-    impl<T: Unpin> futures_core::Stream for Iter<T> {
-        type Item = T;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<T>> {
-            std::task::Poll::Ready(self.0.next())
-        }
-    }
-    Iter(items.into_iter())
-}
 
 #[tokio::test]
 async fn grpc_style_trailers_pass_through_h2c_and_http2_upstream() {

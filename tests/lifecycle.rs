@@ -43,19 +43,6 @@ async fn post_shutdown_stops_the_proxy() {
     assert!(app.readiness().is_err());
 }
 
-/// Forwards the child's log lines, so a test can await a logged event.
-fn log_lines(stderr: std::process::ChildStderr) -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    use std::io::BufRead;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
 
 fn free_port() -> u16 {
     closed_port().port()
@@ -108,7 +95,7 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
         .env("RUST_LOG", "info")
         .spawn()
         .unwrap();
-    let mut log = log_lines(child.stderr.take().unwrap());
+    let mut log = lines_of(child.stderr.take().unwrap());
     wait_for_log(&mut log, "outrider started").await;
     let client = client();
     assert_eq!(get(&client, &format!("http://{admin}/ready")).await.0, 200);

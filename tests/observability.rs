@@ -279,24 +279,10 @@ async fn access_log_lines_are_json_with_the_trace_id() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(("out", l));
-        }
-    });
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(("err", l));
-        }
-    });
+    let mut log = lines_of(child.stderr.take().unwrap());
+    let mut access = lines_of(child.stdout.take().unwrap());
     within(async {
-        while let Some((_, l)) = lines.recv().await {
+        while let Some(l) = log.recv().await {
             if l.contains("outrider started") {
                 return;
             }
@@ -308,16 +294,7 @@ async fn access_log_lines_are_json_with_the_trace_id() {
         .body(empty())
         .unwrap();
     assert_eq!(within(client().request(req)).await.unwrap().status(), 200);
-    let line = within(async {
-        loop {
-            match lines.recv().await {
-                Some(("out", l)) => return l,
-                Some(_) => continue,
-                None => panic!("outrider exited"),
-            }
-        }
-    })
-    .await;
+    let line = within(access.recv()).await.expect("an access log line");
     let _ = child.kill();
     let _ = child.wait();
     let json: serde_json::Value = serde_json::from_str(&line).expect("access log line is JSON");

@@ -327,7 +327,7 @@ async fn grpc_health_backend(serving: Arc<AtomicBool>) -> Backend {
                 Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))),
                 Ok(http_body::Frame::trailers(trailers)),
             ];
-            let body = http_body_util::StreamBody::new(futures_stream(frames));
+            let body = http_body_util::StreamBody::new(stream_of(frames));
             let mut resp = http::Response::new(http_body_util::BodyExt::boxed(body));
             resp.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
             resp
@@ -336,19 +336,6 @@ async fn grpc_health_backend(serving: Arc<AtomicBool>) -> Backend {
     .await
 }
 
-fn futures_stream<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
-    struct Iter<T>(std::vec::IntoIter<T>);
-    impl<T: Unpin> futures_core::Stream for Iter<T> {
-        type Item = T;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<T>> {
-            std::task::Poll::Ready(self.0.next())
-        }
-    }
-    Iter(items.into_iter())
-}
 
 #[tokio::test]
 async fn grpc_health_checks_follow_serving_status() {

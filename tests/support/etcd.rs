@@ -3,7 +3,6 @@
 
 use std::process::{Child, Command, Stdio};
 
-use tokio::sync::mpsc;
 
 pub struct Etcd {
     pub url: String,
@@ -39,7 +38,7 @@ impl Etcd {
             .stderr(Stdio::piped())
             .spawn()
             .expect("cannot run `etcd`: install Debian's etcd-server (.ci/test does)");
-        let mut lines = lines(child.stderr.take().unwrap());
+        let mut lines = super::lines_of(child.stderr.take().unwrap());
         self.child = Some(child);
         super::within(async {
             while let Some(line) = lines.recv().await {
@@ -83,15 +82,3 @@ impl Drop for Etcd {
     }
 }
 
-fn lines(stderr: std::process::ChildStderr) -> mpsc::UnboundedReceiver<String> {
-    use std::io::BufRead;
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}

@@ -156,6 +156,32 @@ pub async fn get(client: &Client<HttpConnector, TestBody>, url: &str) -> (u16, h
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A stream of ready items (e.g. body frames for `http_body_util::StreamBody`).
+pub fn stream_of<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
+    struct Iter<T>(std::vec::IntoIter<T>);
+    impl<T: Unpin> futures_core::Stream for Iter<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<T>> {
+            Poll::Ready(self.0.next())
+        }
+    }
+    Iter(items.into_iter())
+}
+
+/// Forwards a child process's output line by line, so a test can await a logged event.
+pub fn lines_of<R: std::io::Read + Send + 'static>(output: R) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// A body of `total` deterministic bytes, produced in chunks (never held whole in memory).
 pub struct Pattern {
     pub remaining: usize,
