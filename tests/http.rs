@@ -138,7 +138,6 @@ async fn trailers_backend() -> Backend {
     .await
 }
 
-
 #[tokio::test]
 async fn grpc_style_trailers_pass_through_h2c_and_http2_upstream() {
     let backend = trailers_backend().await;

@@ -43,7 +43,6 @@ async fn post_shutdown_stops_the_proxy() {
     assert!(app.readiness().is_err());
 }
 
-
 fn free_port() -> u16 {
     closed_port().port()
 }

@@ -336,7 +336,6 @@ async fn grpc_health_backend(serving: Arc<AtomicBool>) -> Backend {
     .await
 }
 
-
 #[tokio::test]
 async fn grpc_health_checks_follow_serving_status() {
     let serving = Arc::new(AtomicBool::new(true));

@@ -20,27 +20,19 @@ use hyper_util::rt::TokioIo;
 use super::Upstream;
 use super::body::ProxyBody;
 use super::error::ProxyError;
+use super::observe::{Exchange, endpoint_attributes, record_attempt, span_attributes, trace_attempt};
 use super::replay::{Replay, UpstreamBody};
 use super::retry::{self, Outcome};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::access;
 use crate::telemetry::metrics;
-use crate::telemetry::trace::{self, Tracing};
+use crate::telemetry::trace;
 use crate::upstream::InFlight;
 use crate::upstream::breaker::Refused;
 use crate::upstream::budget::backoff;
-use opentelemetry::{Context, KeyValue};
 
 /// Reports how many attempts a request took (retries are visible to the app).
 pub const ATTEMPTS_HEADER: &str = "x-outrider-attempts";
-
-/// What one request's attempts leave behind for metrics, spans and the access log.
-struct Exchange<'a> {
-    attempts: u32,
-    endpoint: Option<SocketAddr>,
-    trace: Option<(&'a Tracing, Context)>,
-    method: usize,
-}
 
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
 pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -92,38 +84,6 @@ pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody
         });
     }
     resp
-}
-
-fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<KeyValue> {
-    let mut attrs = vec![
-        KeyValue::new("http.request.method", req.method().as_str().to_string()),
-        KeyValue::new("url.path", req.uri().path().to_string()),
-        KeyValue::new("outrider.service", up.name.to_string()),
-        KeyValue::new("outrider.picker", format!("{:?}", up.config.load_balancing)),
-        KeyValue::new("outrider.config_generation", up.generation as i64),
-        KeyValue::new("outrider.breaker_state", up.breaker.state_name()),
-    ];
-    if let Some(w) = &up.watch {
-        attrs.push(KeyValue::new(
-            "outrider.discovery_revision",
-            w.revision.load(std::sync::atomic::Ordering::Relaxed),
-        ));
-    }
-    attrs
-}
-
-fn endpoint_attributes(up: &Upstream, ex: &Exchange<'_>) -> Vec<KeyValue> {
-    let mut attrs = vec![KeyValue::new("outrider.attempts", i64::from(ex.attempts))];
-    if let Some(addr) = ex.endpoint {
-        attrs.push(KeyValue::new("server.address", addr.ip().to_string()));
-        attrs.push(KeyValue::new("server.port", i64::from(addr.port())));
-        attrs.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
-        attrs.push(KeyValue::new("outrider.endpoint", addr.to_string()));
-        let state =
-            up.balancer.describe().into_iter().find(|e| e.addr == addr).map_or("removed", |e| e.state);
-        attrs.push(KeyValue::new("outrider.endpoint_state", state));
-    }
-    attrs
 }
 
 /// Admission (rate limit, breaker), then attempts until one answers or no retry is allowed.
@@ -195,52 +155,6 @@ async fn forward(
                 Ok(resp.map(|body| ProxyBody::upstream(body, in_flight, admission)))
             }
         };
-    }
-}
-
-/// Injects trace context into an attempt; retries (attempt 2+) get a child span of their own.
-fn trace_attempt(ex: &Exchange<'_>, out: &mut Request<UpstreamBody>) -> Option<Context> {
-    let (tracer, cx) = ex.trace.as_ref()?;
-    let child = (ex.attempts > 1).then(|| {
-        let attempt = i64::from(ex.attempts);
-        tracer.child(cx, trace::span_name(out.method()), || vec![KeyValue::new("outrider.attempt", attempt)])
-    });
-    tracer.inject(child.as_ref().unwrap_or(cx), out.headers_mut());
-    child
-}
-
-fn record_attempt(
-    up: &Upstream,
-    ex: &Exchange<'_>,
-    in_flight: &InFlight,
-    outcome: &Outcome<Incoming>,
-    took: Duration,
-    span: Option<Context>,
-) {
-    up.metrics.upstream_duration.observe(took);
-    let status = match outcome {
-        Outcome::Response(r) => Some(r.status()),
-        Outcome::Failed(_) => None,
-    };
-    in_flight.state().requests.add(ex.method, metrics::status_class(status));
-    if let Outcome::Failed(ProxyError::Connect(..)) = outcome {
-        metrics::inc(&up.metrics.connect_errors);
-    }
-    if let Some(cx) = span {
-        let error = match outcome {
-            Outcome::Failed(e) => Some(e.code()),
-            Outcome::Response(r) if r.status().is_server_error() => Some("5xx"),
-            Outcome::Response(_) => None,
-        };
-        let endpoint = in_flight.addr();
-        let attrs = || {
-            vec![
-                KeyValue::new("server.address", endpoint.ip().to_string()),
-                KeyValue::new("server.port", i64::from(endpoint.port())),
-                KeyValue::new("outrider.endpoint", endpoint.to_string()),
-            ]
-        };
-        trace::finish(&cx, status.map(|s| s.as_u16()), error, attrs);
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod error;
 pub mod http;
+mod observe;
 pub mod ratelimit;
 pub mod replay;
 pub mod retry;

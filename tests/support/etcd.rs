@@ -3,7 +3,6 @@
 
 use std::process::{Child, Command, Stdio};
 
-
 pub struct Etcd {
     pub url: String,
     client_port: u16,
@@ -81,4 +80,3 @@ impl Drop for Etcd {
         self.kill();
     }
 }
-

@@ -169,7 +169,9 @@ pub fn stream_of<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T>
 }
 
 /// Forwards a child process's output line by line, so a test can await a logged event.
-pub fn lines_of<R: std::io::Read + Send + 'static>(output: R) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+pub fn lines_of<R: std::io::Read + Send + 'static>(
+    output: R,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
     use std::io::BufRead;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {

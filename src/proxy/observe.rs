@@ -1,0 +1,104 @@
+//! What a request leaves for operators: span attributes, per-attempt spans and counters.
+//! Kept apart from `http.rs` so the request path reads without telemetry in the way.
+//! Must not: build strings for spans nobody samples.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use opentelemetry::{Context, KeyValue};
+
+use super::Upstream;
+use super::error::ProxyError;
+use super::replay::UpstreamBody;
+use super::retry::Outcome;
+use crate::telemetry::metrics;
+use crate::telemetry::trace::{self, Tracing};
+use crate::upstream::InFlight;
+
+/// What one request's attempts leave behind for metrics, spans and the access log.
+pub(super) struct Exchange<'a> {
+    pub(super) attempts: u32,
+    pub(super) endpoint: Option<SocketAddr>,
+    pub(super) trace: Option<(&'a Tracing, Context)>,
+    pub(super) method: usize,
+}
+
+pub(super) fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", req.method().as_str().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("outrider.service", up.name.to_string()),
+        KeyValue::new("outrider.picker", format!("{:?}", up.config.load_balancing)),
+        KeyValue::new("outrider.config_generation", up.generation as i64),
+        KeyValue::new("outrider.breaker_state", up.breaker.state_name()),
+    ];
+    if let Some(w) = &up.watch {
+        attrs.push(KeyValue::new(
+            "outrider.discovery_revision",
+            w.revision.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+    }
+    attrs
+}
+
+pub(super) fn endpoint_attributes(up: &Upstream, ex: &Exchange<'_>) -> Vec<KeyValue> {
+    let mut attrs = vec![KeyValue::new("outrider.attempts", i64::from(ex.attempts))];
+    if let Some(addr) = ex.endpoint {
+        attrs.push(KeyValue::new("server.address", addr.ip().to_string()));
+        attrs.push(KeyValue::new("server.port", i64::from(addr.port())));
+        attrs.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+        attrs.push(KeyValue::new("outrider.endpoint", addr.to_string()));
+        let state =
+            up.balancer.describe().into_iter().find(|e| e.addr == addr).map_or("removed", |e| e.state);
+        attrs.push(KeyValue::new("outrider.endpoint_state", state));
+    }
+    attrs
+}
+
+/// Injects trace context into an attempt; retries (attempt 2+) get a child span of their own.
+pub(super) fn trace_attempt(ex: &Exchange<'_>, out: &mut Request<UpstreamBody>) -> Option<Context> {
+    let (tracer, cx) = ex.trace.as_ref()?;
+    let child = (ex.attempts > 1).then(|| {
+        let attempt = i64::from(ex.attempts);
+        tracer.child(cx, trace::span_name(out.method()), || vec![KeyValue::new("outrider.attempt", attempt)])
+    });
+    tracer.inject(child.as_ref().unwrap_or(cx), out.headers_mut());
+    child
+}
+
+pub(super) fn record_attempt(
+    up: &Upstream,
+    ex: &Exchange<'_>,
+    in_flight: &InFlight,
+    outcome: &Outcome<Incoming>,
+    took: Duration,
+    span: Option<Context>,
+) {
+    up.metrics.upstream_duration.observe(took);
+    let status = match outcome {
+        Outcome::Response(r) => Some(r.status()),
+        Outcome::Failed(_) => None,
+    };
+    in_flight.state().requests.add(ex.method, metrics::status_class(status));
+    if let Outcome::Failed(ProxyError::Connect(..)) = outcome {
+        metrics::inc(&up.metrics.connect_errors);
+    }
+    if let Some(cx) = span {
+        let error = match outcome {
+            Outcome::Failed(e) => Some(e.code()),
+            Outcome::Response(r) if r.status().is_server_error() => Some("5xx"),
+            Outcome::Response(_) => None,
+        };
+        let endpoint = in_flight.addr();
+        let attrs = || {
+            vec![
+                KeyValue::new("server.address", endpoint.ip().to_string()),
+                KeyValue::new("server.port", i64::from(endpoint.port())),
+                KeyValue::new("outrider.endpoint", endpoint.to_string()),
+            ]
+        };
+        trace::finish(&cx, status.map(|s| s.as_u16()), error, attrs);
+    }
+}
