@@ -1,10 +1,11 @@
 # Build: docker build -t outrider .
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY config config
+COPY benches benches
 RUN cargo build --release --locked && strip target/release/outrider
 
 FROM gcr.io/distroless/cc-debian12:nonroot
