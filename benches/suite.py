@@ -235,18 +235,20 @@ def footprint(env):
     time.sleep(0.5)
     out["rss_idle_kib"] = rss_kib(p.pid)
     eps = ", ".join(f"{{ addr: 127.0.0.{1 + i // 250}:{20000 + i % 250} }}" for i in range(1000))
-    conf = env.write("big.yaml", f"admin: {{ bind: 127.0.0.1:{free_port()} }}\nlisteners: [{{ name: h, bind: 127.0.0.1:{free_port()}, service: b }}]\n"
+    big_port = free_port()
+    conf = env.write("big.yaml", f"admin: {{ bind: 127.0.0.1:{free_port()} }}\nlisteners: [{{ name: h, bind: 127.0.0.1:{big_port}, service: b }}]\n"
                      f"services: {{ b: {{ endpoints: [{eps}] }} }}\nlogging: {{ level: warn }}\n")
     big = env.spawn([BIN, "run", "--config", conf], core=0)
+    wait_port(big_port)
     time.sleep(1)
     out["rss_1000_endpoints_kib"] = rss_kib(big.pid)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 30000), hard))
     socks = []
     for _ in range(10000):
-        socks.append(socket.create_connection(("127.0.0.1", port)))
+        socks.append(socket.create_connection(("127.0.0.1", big_port)))
     time.sleep(1)
-    out["rss_10000_idle_conns_kib"] = rss_kib(p.pid)
+    out["rss_10000_idle_conns_kib"] = rss_kib(big.pid)
     for s in socks:
         s.close()
     return out
@@ -315,7 +317,7 @@ def report(res, fp, prop, args):
         f"- start to ready: {fp['start_to_ready_ms']:.1f} ms",
         f"- RSS idle: {fp['rss_idle_kib'] / 1024:.1f} MiB",
         f"- RSS with 1,000 endpoints: {fp['rss_1000_endpoints_kib'] / 1024:.1f} MiB",
-        f"- RSS holding 10,000 idle client connections: {fp['rss_10000_idle_conns_kib'] / 1024:.1f} MiB",
+        f"- RSS with 1,000 endpoints and holding 10,000 idle client connections: {fp['rss_10000_idle_conns_kib'] / 1024:.1f} MiB",
         "", "## etcd put → first request routed", "",
         f"- {prop['samples']} samples: p50 {prop['p50_ms']:.1f} ms, p99 {prop['p99_ms']:.1f} ms, max {prop['max_ms']:.1f} ms "
         "(measured from `etcdctl put` returning to the first response from the new endpoint; includes one HTTP round trip per poll)", ""]
