@@ -15,9 +15,9 @@ use etcd_client::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{EtcdConfig, HealthCheck, HealthKind, ProbeKind, RegisterConfig};
+use crate::config::{EtcdConfig, RegisterConfig};
 use crate::discovery::etcd::connect;
-use crate::upstream::health::Prober;
+use crate::upstream::health::{Prober, Streak};
 
 /// The running registration task.
 #[derive(Debug)]
@@ -68,14 +68,10 @@ async fn run(
     stop: CancellationToken,
 ) {
     let set = |s: &'static str| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
-    let kind = match &cfg.health.kind {
-        HealthKind::Http { path } => {
-            ProbeKind::Http { path: path.clone(), host: None, statuses: vec![(200, 299)] }
-        }
-        HealthKind::Tcp => ProbeKind::Tcp,
-    };
-    let prober = Prober::new(kind, cfg.health.timeout);
-    let mut gate = Gate::default();
+    let h = &cfg.health;
+    let prober = Prober::new(h.kind.clone(), h.timeout);
+    // The app starts out unhealthy: it is registered only after passing its gate.
+    let (mut healthy, mut streak) = (false, Streak::default());
     let mut lease: Option<Lease> = None;
     let mut check = tokio::time::interval(cfg.health.interval);
     let mut keepalive = tokio::time::interval(cfg.lease_ttl / 3);
@@ -88,7 +84,7 @@ async fn run(
                 return;
             }
             _ = check.tick() => {
-                let healthy = gate.observe(prober.probe(cfg.health.addr).await, &cfg.health);
+                healthy = streak.observe(healthy, prober.probe(h.addr).await, h.healthy_threshold, h.unhealthy_threshold);
                 match (healthy, lease.is_some()) {
                     (true, false) => match Lease::register(&cfg, &etcd).await {
                         Ok(l) => {
@@ -201,56 +197,5 @@ impl Lease {
             Err(_) => tracing::warn!(key = %cfg.key, "deleting the key timed out (its lease will expire)"),
         }
         let _ = tokio::time::timeout(t, self.client.lease_revoke(self.id)).await;
-    }
-}
-
-/// Consecutive-result thresholds: unhealthy until `healthy_threshold` passes in a row,
-/// then healthy until `unhealthy_threshold` failures in a row.
-#[derive(Debug, Default)]
-struct Gate {
-    healthy: bool,
-    streak: u32,
-}
-
-impl Gate {
-    fn observe(&mut self, ok: bool, h: &HealthCheck) -> bool {
-        if ok == self.healthy {
-            self.streak = 0;
-            return self.healthy;
-        }
-        self.streak += 1;
-        let needed = if ok { h.healthy_threshold } else { h.unhealthy_threshold };
-        if self.streak >= needed.get() {
-            self.healthy = ok;
-            self.streak = 0;
-        }
-        self.healthy
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check(healthy: u32, unhealthy: u32) -> HealthCheck {
-        HealthCheck {
-            kind: HealthKind::Tcp,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            healthy_threshold: healthy.try_into().unwrap(),
-            unhealthy_threshold: unhealthy.try_into().unwrap(),
-        }
-    }
-
-    #[test]
-    fn gate_needs_streaks_both_ways() {
-        let h = check(2, 3);
-        let mut g = Gate::default();
-        let seen: Vec<bool> = [true, false, true, true, false, false, true, false, false, false]
-            .into_iter()
-            .map(|ok| g.observe(ok, &h))
-            .collect();
-        assert_eq!(seen, [false, false, false, true, true, true, true, true, true, false]);
     }
 }

@@ -79,14 +79,17 @@ impl Validator {
         );
         let h = r.health.unwrap_or_default();
         let kind = match h.kind.as_deref().unwrap_or("http") {
-            "http" => HealthKind::Http { path: h.path.unwrap_or_else(|| "/".into()) },
-            "tcp" => HealthKind::Tcp,
+            "http" => {
+                let path = h.path.unwrap_or_else(|| "/".into());
+                ProbeKind::Http { path, host: None, statuses: vec![(200, 299)] }
+            }
+            "tcp" => ProbeKind::Tcp,
             other => {
                 self.problem(
                     "register.health.kind",
                     format!("unknown health check kind {other:?} (http or tcp)"),
                 );
-                HealthKind::Tcp
+                ProbeKind::Tcp
             }
         };
         let ms = Duration::from_millis;

@@ -63,7 +63,7 @@ pub struct RegisterConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthCheck {
-    pub kind: HealthKind,
+    pub kind: ProbeKind,
     pub addr: SocketAddr,
     #[serde(with = "human")]
     pub interval: Duration,
@@ -71,16 +71,6 @@ pub struct HealthCheck {
     pub timeout: Duration,
     pub healthy_threshold: NonZeroU32,
     pub unhealthy_threshold: NonZeroU32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HealthKind {
-    /// GET this path; a 2xx answer is healthy.
-    Http {
-        path: String,
-    },
-    Tcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -64,12 +64,6 @@ impl ProxyError {
         }
     }
 
-    /// Whether the request provably never reached the upstream, so a retry cannot duplicate
-    /// it (the retry issue builds on this).
-    pub fn never_sent(&self) -> bool {
-        matches!(self, ProxyError::NoEndpoints(_) | ProxyError::Connect(..) | ProxyError::Refused(..))
-    }
-
     pub fn endpoint(&self) -> Option<SocketAddr> {
         match self {
             ProxyError::Connect(a, _)

@@ -79,11 +79,6 @@ impl Replay {
         let s = lock(&self.shared);
         !s.touched || !s.overflowed
     }
-
-    /// Whether any byte of the body was taken from the app (and so may have been sent).
-    pub fn touched(&self) -> bool {
-        lock(&self.shared).touched
-    }
 }
 
 fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {

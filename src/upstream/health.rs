@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,6 +111,29 @@ fn serving(mut body: Bytes) -> bool {
     body.as_ref() == [0x08, 0x01]
 }
 
+/// Consecutive results that disagree with the current verdict; the verdict flips after
+/// `healthy` passes or `unhealthy` failures in a row. Shared by the endpoint checker and the
+/// registration gate.
+#[derive(Debug, Default)]
+pub struct Streak(u32);
+
+impl Streak {
+    /// The verdict after one more result.
+    pub fn observe(&mut self, current: bool, ok: bool, healthy: NonZeroU32, unhealthy: NonZeroU32) -> bool {
+        if ok == current {
+            self.0 = 0;
+            return current;
+        }
+        self.0 += 1;
+        let needed = if ok { healthy } else { unhealthy };
+        if self.0 < needed.get() {
+            return current;
+        }
+        self.0 = 0;
+        ok
+    }
+}
+
 // === impl Checker ===
 
 impl Checker {
@@ -135,8 +159,7 @@ async fn run(
     stop: CancellationToken,
 ) {
     let prober = Prober::new(cfg.probe.clone(), cfg.timeout);
-    // Consecutive results that disagree with each endpoint's current verdict.
-    let mut streaks: HashMap<SocketAddr, u32> = HashMap::new();
+    let mut streaks: HashMap<SocketAddr, Streak> = HashMap::new();
     loop {
         let jitter = cfg.jitter.mul_f64(fastrand::f64());
         tokio::select! {
@@ -156,18 +179,17 @@ async fn run(
             let ok = results.get(&e.addr).copied().unwrap_or(false);
             inc(if ok { &metrics.health_checks_ok } else { &metrics.health_checks_failed });
             let health = &e.state.health;
-            let streak = streaks.entry(e.addr).or_default();
-            if ok == health.is_healthy() {
-                *streak = 0;
-                continue;
-            }
-            *streak += 1;
-            let needed = if ok { cfg.healthy_threshold } else { cfg.unhealthy_threshold };
-            if *streak >= needed.get() {
-                *streak = 0;
-                health.set_healthy(ok);
+            let was = health.is_healthy();
+            let now = streaks.entry(e.addr).or_default().observe(
+                was,
+                ok,
+                cfg.healthy_threshold,
+                cfg.unhealthy_threshold,
+            );
+            if now != was {
+                health.set_healthy(now);
                 changed = true;
-                tracing::warn!(%service, endpoint = %e.addr, healthy = ok, "active health check changed state");
+                tracing::warn!(%service, endpoint = %e.addr, healthy = now, "active health check changed state");
             }
         }
         streaks.retain(|addr, _| results.contains_key(addr));
@@ -180,6 +202,20 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streak_needs_thresholds_both_ways() {
+        let (two, three) = (NonZeroU32::new(2).unwrap(), NonZeroU32::new(3).unwrap());
+        let (mut verdict, mut streak) = (false, Streak::default());
+        let seen: Vec<bool> = [true, false, true, true, false, false, true, false, false, false]
+            .into_iter()
+            .map(|ok| {
+                verdict = streak.observe(verdict, ok, two, three);
+                verdict
+            })
+            .collect();
+        assert_eq!(seen, [false, false, false, true, true, true, true, true, true, false]);
+    }
 
     #[test]
     fn parses_serving_and_not_serving() {
