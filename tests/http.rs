@@ -3,7 +3,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +12,6 @@ use http_body_util::{BodyExt, StreamBody};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 
 #[tokio::test]
 async fn weighted_round_robin_5_1_1_is_exact_and_interleaved() {
@@ -41,18 +39,7 @@ async fn weighted_round_robin_5_1_1_is_exact_and_interleaved() {
 
 #[tokio::test]
 async fn least_request_sends_new_requests_away_from_a_busy_endpoint() {
-    let gate = Arc::new(Semaphore::new(0));
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
-    let held = gate.clone();
-    let slow = Backend::start(move |_req| {
-        let (held, arrived_tx) = (held.clone(), arrived_tx.clone());
-        async move {
-            let _ = arrived_tx.send(());
-            let _permit = held.acquire().await;
-            text(200, "slow")
-        }
-    })
-    .await;
+    let Held { backend: slow, gate, mut arrived } = Held::start("slow", None).await;
     let (fast1, fast2) = (Backend::named("fast1").await, Backend::named("fast2").await);
     let extra = "    load_balancing: least_request\n";
     let app =

@@ -2,12 +2,8 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-
 use support::*;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 
 #[tokio::test]
 async fn admin_pages_describe_the_running_config() {
@@ -47,35 +43,9 @@ fn free_port() -> u16 {
     closed_port().port()
 }
 
-/// Awaits a log line containing `needle`.
-async fn wait_for_log(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>, needle: &str) {
-    within(async {
-        while let Some(line) = log.recv().await {
-            if line.contains(needle) {
-                return;
-            }
-        }
-        panic!("outrider exited before logging {needle:?}");
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_refuses_then_exits_zero() {
-    let gate = Arc::new(Semaphore::new(0));
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
-    let held = gate.clone();
-    let slow = Backend::start(move |req: http::Request<hyper::body::Incoming>| {
-        let (held, arrived_tx) = (held.clone(), arrived_tx.clone());
-        async move {
-            if req.uri().path() == "/slow" {
-                let _ = arrived_tx.send(());
-                let _permit = held.acquire().await;
-            }
-            text(200, "done")
-        }
-    })
-    .await;
+    let Held { backend: slow, gate, mut arrived } = Held::start("done", Some("/slow")).await;
     let (admin, front) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let yaml = format!(
         "admin:\n  bind: {admin}\nshutdown:\n  drain_window: 2s\n  grace_period: 20s\n\
@@ -83,19 +53,8 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
          services:\n  svc:\n    endpoints:\n      - addr: {}\n",
         slow.addr
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("outrider.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outrider"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "info")
-        .spawn()
-        .unwrap();
-    let mut log = lines_of(child.stderr.take().unwrap());
-    wait_for_log(&mut log, "outrider started").await;
+    let mut outrider = Binary::spawn(&yaml);
+    outrider.logged("outrider started").await;
     let client = client();
     assert_eq!(get(&client, &format!("http://{admin}/ready")).await.0, 200);
 
@@ -104,11 +63,10 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
         tokio::spawn(async move { get(&client, &url).await })
     };
     within(arrived.recv()).await.unwrap();
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
+    outrider.sigterm();
 
     // Draining: not ready, but new connections are still proxied.
-    wait_for_log(&mut log, "shutdown: not ready").await;
+    outrider.logged("shutdown: not ready").await;
     assert_eq!(get(&client, &format!("http://{admin}/ready")).await.0, 503);
     let fresh = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(0)
@@ -116,13 +74,12 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
     assert_eq!(get(&fresh, &format!("http://{front}/")).await.0, 200, "proxying during the drain window");
 
     // After the drain window the listener is closed: connections are refused.
-    wait_for_log(&mut log, "listener closed").await;
+    outrider.logged("listener closed").await;
     assert!(TcpStream::connect(&front).await.is_err(), "connection accepted after the drain window");
 
     // The request that was in flight all along still completes.
     gate.add_permits(1);
     let (status, _, body) = within(in_flight).await.unwrap();
     assert_eq!((status, body.as_str()), (200, "done"));
-    let exit = within(tokio::task::spawn_blocking(move || child.wait().unwrap())).await.unwrap();
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(outrider.exit_code().await, Some(0));
 }

@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -269,34 +268,14 @@ async fn access_log_lines_are_json_with_the_trace_id() {
         backend.addr,
         tracing_yaml(collector, "")
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("outrider.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outrider"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = lines_of(child.stderr.take().unwrap());
-    let mut access = lines_of(child.stdout.take().unwrap());
-    within(async {
-        while let Some(l) = log.recv().await {
-            if l.contains("outrider started") {
-                return;
-            }
-        }
-    })
-    .await;
+    let mut outrider = Binary::spawn(&yaml);
+    outrider.logged("outrider started").await;
     let req = http::Request::get(format!("http://{front}/x"))
         .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
         .body(empty())
         .unwrap();
     assert_eq!(within(client().request(req)).await.unwrap().status(), 200);
-    let line = within(access.recv()).await.expect("an access log line");
-    let _ = child.kill();
-    let _ = child.wait();
+    let line = within(outrider.out.recv()).await.expect("an access log line");
     let json: serde_json::Value = serde_json::from_str(&line).expect("access log line is JSON");
     assert_eq!(json["trace_id"], TRACE);
     assert_eq!(json["status"], 200);

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -86,18 +85,6 @@ async fn health_gated_registration_keepalive_withdrawal_and_reregistration() {
     assert_eq!(app.registration_state().await, Some("withdrawn"));
 }
 
-fn spawn_binary(yaml: &str, dir: &std::path::Path) -> std::process::Child {
-    let path = dir.join("outrider.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_outrider"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_deletes_the_key_before_the_listener_stops() {
     let etcd = Etcd::start().await;
@@ -114,16 +101,14 @@ async fn sigterm_deletes_the_key_before_the_listener_stops() {
              services:\n  up:\n    endpoints:\n      - addr: {}\n",
             local.addr
         );
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_binary(&yaml, dir.path());
+    let outrider = Binary::spawn(&yaml);
     assert_eq!(next_event(&mut watch).await, EventType::Put);
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    outrider.sigterm();
     assert_eq!(next_event(&mut watch).await, EventType::Delete);
     // The key is gone and the proxy still serves: the drain comes after deregistration.
     assert_eq!(get(&client(), &format!("http://{front}/healthz")).await.0, 200);
-    let exit = within(tokio::task::spawn_blocking(move || child.wait().unwrap())).await.unwrap();
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(outrider.exit_code().await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,14 +118,12 @@ async fn a_crashed_outrider_leaves_no_ghost_key() {
     let local = app_with_health(Arc::new(AtomicBool::new(true))).await;
     let key = format!("svc/checkout/{}", local.addr);
     let mut watch = kv.watch(key.as_str(), None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_binary(&register_yaml(&etcd, local.addr, ""), dir.path());
+    let mut outrider = Binary::spawn(&register_yaml(&etcd, local.addr, ""));
     assert_eq!(next_event(&mut watch).await, EventType::Put);
     let lease = kv.get(key.as_str(), None).await.unwrap().kvs()[0].lease();
     let granted = kv.lease_time_to_live(lease, None).await.unwrap().granted_ttl();
 
-    child.kill().unwrap(); // SIGKILL: no chance to deregister
-    child.wait().unwrap();
+    outrider.crash(); // SIGKILL: no chance to deregister
     let killed = Instant::now();
     assert_eq!(next_event(&mut watch).await, EventType::Delete);
     let limit = Duration::from_secs(granted as u64 + 1);

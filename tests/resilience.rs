@@ -246,18 +246,7 @@ async fn the_breaker_fails_fast_and_the_concurrency_limit_refuses_without_hangin
     assert_eq!((status, reason(&headers)), (503, "circuit_open"));
     assert_eq!(bad.hits(), 4, "an open breaker does not call the upstream");
 
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
-    let held = gate.clone();
-    let slow = Backend::start(move |_req| {
-        let (held, arrived_tx) = (held.clone(), arrived_tx.clone());
-        async move {
-            let _ = arrived_tx.send(());
-            let _p = held.acquire().await;
-            text(200, "slow")
-        }
-    })
-    .await;
+    let Held { backend: slow, gate, mut arrived } = Held::start("slow", None).await;
     let app = start_app(&yaml("    circuit_breaker: { max_in_flight: 2 }\n", &[slow.addr])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
     let parked: Vec<_> = (0..2)

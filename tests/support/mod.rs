@@ -248,3 +248,106 @@ where
 }
 
 pub mod etcd;
+
+/// The real `outrider` binary running a config written to a temp dir; its stderr (logs) and
+/// stdout (access log) arrive line by line. Killed when dropped.
+pub struct Binary {
+    /// `None` once `exit_code` has taken it.
+    child: Option<std::process::Child>,
+    pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub out: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    pub fn spawn(yaml: &str) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outrider.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = lines_of(child.stderr.take().unwrap());
+        let out = lines_of(child.stdout.take().unwrap());
+        Binary { child: Some(child), log, out, _dir: dir }
+    }
+
+    /// Awaits a log line containing `needle`.
+    pub async fn logged(&mut self, needle: &str) {
+        within(async {
+            while let Some(line) = self.log.recv().await {
+                if line.contains(needle) {
+                    return;
+                }
+            }
+            panic!("outrider exited before logging {needle:?}");
+        })
+        .await;
+    }
+
+    fn pid(&self) -> String {
+        self.child.as_ref().map(|c| c.id().to_string()).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        let status = std::process::Command::new("kill").args(["-TERM", &self.pid()]).status();
+        assert!(status.unwrap().success());
+    }
+
+    /// SIGKILL, as a crash would, and reaps the process.
+    pub fn crash(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn exit_code(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        within(tokio::task::spawn_blocking(move || child.wait().unwrap())).await.unwrap().code()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A backend that holds requests (to `path`, or all when `None`) until released: each held
+/// request reports its arrival on `arrived`, then waits for a permit on `gate`.
+pub struct Held {
+    pub backend: Backend,
+    pub gate: Arc<tokio::sync::Semaphore>,
+    pub arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl Held {
+    pub async fn start(name: &'static str, path: Option<&'static str>) -> Held {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let held = gate.clone();
+        let backend = Backend::start(move |req: Request<Incoming>| {
+            let (held, tx) = (held.clone(), tx.clone());
+            let hold = path.is_none_or(|p| req.uri().path() == p);
+            async move {
+                if hold {
+                    let _ = tx.send(());
+                    let _permit = held.acquire().await;
+                }
+                text(200, name)
+            }
+        })
+        .await;
+        Held { backend, gate, arrived }
+    }
+}
