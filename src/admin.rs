@@ -1,14 +1,15 @@
 //! The admin server: probes, introspection and a shutdown hook, on loopback by default.
 //!
 //! Owns: `/live`, `/ready`, `/config`, `/upstreams`, `POST /shutdown`. Must not: change
-//! routing — it reads `App` state, and its only write is asking for shutdown.
+//! routing — it reads `App` state, and its only write is asking for shutdown, which it
+//! answers only to loopback clients (the admin port may be bound on the pod IP for probes).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -16,25 +17,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::server::Acceptor;
 
 /// Serves the admin API on an already bound socket until `stop` is cancelled.
 pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            () = stop.cancelled() => return,
-            r = socket.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("admin accept failed: {e}");
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = Acceptor::new(socket, "admin");
+    while let Some((stream, peer)) = acceptor.next(&stop).await {
         let app = app.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(route(&app, req).await) }
+                async move { Ok::<_, Infallible>(route(&app, req, peer).await) }
             });
             let conn =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -45,7 +38,7 @@ pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
     }
 }
 
-async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => ready(app),
@@ -56,6 +49,10 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
             resp.headers_mut().insert(header::CONTENT_TYPE, ct.parse().expect("static"));
             resp
+        }
+        (&Method::POST, "/shutdown") if !peer.ip().to_canonical().is_loopback() => {
+            tracing::warn!(%peer, "refused POST /shutdown from outside the pod");
+            text(StatusCode::FORBIDDEN, "forbidden: /shutdown is answered only to loopback clients\n")
         }
         (&Method::POST, "/shutdown") => {
             tracing::info!("shutdown requested through the admin API");
@@ -142,4 +139,29 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[tokio::test]
+    async fn shutdown_is_answered_only_to_loopback_peers() {
+        let yaml = "admin: { bind: 127.0.0.1:0 }\nlisteners:\n  - { name: f, bind: 127.0.0.1:0, service: s }\n\
+                    services:\n  s:\n    endpoints: []\n";
+        let app = App::start(Config::parse(yaml).unwrap(), None).await.unwrap();
+        let shutdown = || Request::post("/shutdown").body(()).unwrap();
+        for peer in ["10.1.2.3:4567", "[fd00::2]:80", "192.0.2.2:1"] {
+            let resp = route(&app, shutdown(), peer.parse().unwrap()).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{peer}");
+        }
+        assert!(!app.is_draining(), "a refused request must not start a shutdown");
+        let get = route(&app, Request::get("/live").body(()).unwrap(), "10.1.2.3:4567".parse().unwrap());
+        assert_eq!(get.await.status(), StatusCode::OK, "probes stay open to the network");
+        // A dual-stack admin socket sees IPv4 loopback as ::ffff:127.0.0.1.
+        let resp = route(&app, shutdown(), "[::ffff:127.0.0.1]:9".parse().unwrap()).await;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        tokio::time::timeout(std::time::Duration::from_secs(10), app.finished()).await.unwrap();
+    }
 }

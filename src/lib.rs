@@ -18,6 +18,7 @@ pub mod demo;
 pub mod discovery;
 pub mod proxy;
 pub mod register;
+mod server;
 pub mod telemetry;
 pub mod upstream;
 pub mod watch;

@@ -168,3 +168,44 @@ fn check_command_exit_codes() {
     let out = Command::new(bin).arg("check").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2 (clap)");
 }
+
+#[test]
+fn an_empty_or_comment_only_file_is_refused() {
+    for text in ["", "\n\n", "# only a comment\n", "---\n", "~\n", "{}\n"] {
+        let all = problems(text);
+        assert_eq!(all.len(), 1, "{text:?}: {all:#?}");
+        assert!(all[0].message.contains("no settings"), "{text:?}: {}", all[0]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outrider")).arg("check").arg(&empty).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "`check` must refuse an empty file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no settings"));
+}
+
+#[test]
+fn a_config_without_listeners_is_refused_unless_allowed() {
+    // What a reader sees of a file cut off before its listeners.
+    let truncated = "admin:\n  bind: 127.0.0.1:9901\nshutdown:\n  drain_window: 5s\n";
+    let all = problems(truncated);
+    assert_problem(&all, "listeners", 1, "no listeners");
+    let all = problems(&format!("{truncated}listeners: []\nservices: {{}}\n"));
+    assert_problem(&all, "listeners", 5, "allow_no_listeners");
+    let allowed = format!("{truncated}allow_no_listeners: true\n");
+    let config = Config::parse_with_env(&allowed, HashMap::new()).unwrap();
+    assert!(config.listeners.is_empty() && config.allow_no_listeners);
+}
+
+#[test]
+fn a_changed_etcd_password_changes_the_hash() {
+    let with = |password: &str| {
+        let yaml = format!(
+            "{BASE}etcd:\n  endpoints: [http://127.0.0.1:2379]\n  username: app\n  password: {password}\n"
+        );
+        Config::parse_with_env(&yaml, HashMap::new()).unwrap()
+    };
+    let (old, new) = (with("old-secret"), with("new-secret"));
+    assert_eq!(old.to_json(), new.to_json(), "the password is redacted in the effective config");
+    assert_ne!(old.hash(), new.hash(), "rotating the password must be a reload, not a no-op");
+}

@@ -83,3 +83,29 @@ async fn sigterm_drains_then_refuses_then_exits_zero() {
     assert_eq!((status, body.as_str()), (200, "done"));
     assert_eq!(outrider.exit_code().await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_admin_port_backs_off_and_recovers() {
+    let a = Backend::named("a").await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let yaml = one_service("http", "", &[(a.addr, 1)])
+        .replace("127.0.0.1:0\nshutdown", &format!("{admin}\nshutdown"));
+    let mut outrider = Binary::spawn_with(&yaml, Some(48));
+    outrider.logged("outrider started").await;
+    // Hold more connections than the process has descriptors left: accept starts failing.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(within(TcpStream::connect(&admin)).await.unwrap());
+    }
+    outrider.logged("accept failed").await;
+    // Nothing to await: the defect was a flood. Count what one second of EMFILE produces.
+    let window = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut lines = 0;
+    while let Ok(Some(line)) = tokio::time::timeout_at(window, outrider.log.recv()).await {
+        lines += usize::from(line.contains("accept failed"));
+    }
+    assert!(lines <= 2, "{lines} 'accept failed' lines in one second: the accept loop spins");
+    drop(held);
+    let (status, _, _) = get(&client(), &format!("http://{admin}/live")).await;
+    assert_eq!(status, 200, "the admin port serves again once descriptors are free");
+}

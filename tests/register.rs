@@ -24,6 +24,7 @@ fn register_yaml(etcd: &Etcd, app: std::net::SocketAddr, extra: &str) -> String 
     format!(
         "admin:\n  bind: 127.0.0.1:0\nshutdown:\n  drain_window: 0s\n\
          etcd:\n  endpoints: [{}]\n  dial_timeout: 500ms\n  request_timeout: 1s\n\
+         allow_no_listeners: true\n\
          register:\n  service: checkout\n  address: {app}\n  lease_ttl: 2s\n  deregistration_delay: 0s\n\
          \x20 metadata: {{ version: v7 }}\n\
          \x20 health: {{ kind: http, path: /healthz, interval: 100ms, unhealthy_threshold: 2 }}\n{extra}",
@@ -128,4 +129,24 @@ async fn a_crashed_outrider_leaves_no_ghost_key() {
     assert_eq!(next_event(&mut watch).await, EventType::Delete);
     let limit = Duration::from_secs(granted as u64 + 1);
     assert!(killed.elapsed() < limit, "ghost key lived {:?} (TTL {granted}s)", killed.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_pages_answer_during_the_deregistration_delay() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let local = app_with_health(Arc::new(AtomicBool::new(true))).await;
+    let key = format!("svc/checkout/{}", local.addr);
+    let mut watch = kv.watch(key.as_str(), None).await.unwrap();
+    let yaml =
+        register_yaml(&etcd, local.addr, "").replace("deregistration_delay: 0s", "deregistration_delay: 5s");
+    let app = start_app(&yaml).await;
+    assert_eq!(next_event(&mut watch).await, EventType::Put);
+    app.shutdown(true);
+    assert_eq!(next_event(&mut watch).await, EventType::Delete);
+    // Inside the 5 s delay now: the page must not wait for it.
+    let url = format!("http://{}/upstreams", app.admin_addr());
+    let page = tokio::time::timeout(Duration::from_secs(2), get(&client(), &url)).await;
+    assert_eq!(page.expect("/upstreams blocked during the deregistration delay").0, 200);
+    assert!(app.readiness().is_err(), "draining: not ready");
 }

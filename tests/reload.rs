@@ -114,3 +114,94 @@ async fn reload_adds_and_removes_listeners() {
     })
     .await;
 }
+
+/// Writes `text` in place, as `cat > file` or an editor without atomic save does: truncate,
+/// write the first part, pause (a slow writer), write the rest, close.
+fn write_in_place_slowly(path: &Path, text: &str, pause: std::time::Duration) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let cut = text.len() / 2;
+    f.write_all(&text.as_bytes()[..cut]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(pause);
+    f.write_all(&text.as_bytes()[cut..]).unwrap();
+}
+
+async fn watched_app(text: &str) -> (tempfile::TempDir, std::path::PathBuf, outrider::app::App) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outrider.yaml");
+    std::fs::write(&path, text).unwrap();
+    let app = start_app_with_file(&path).await;
+    outrider::watch::spawn(app.clone(), path.clone()).unwrap();
+    (dir, path, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_is_refused_and_every_listener_keeps_serving() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let (_dir, path, app) = watched_app(&config(a.addr, 1, b.addr, 1)).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    let load = Load::start(&url, 4);
+    let mut status = app.status();
+    std::fs::write(&path, "").unwrap(); // `: > outrider.yaml`
+    within(status.wait_for(|s| s.reload_failures == 1)).await.unwrap();
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed after an empty config was written ({ok} succeeded)");
+    assert_eq!(app.runtime().generation, 1, "the empty file must not apply");
+    assert!(status.borrow().last_reload_error.as_deref().unwrap().contains("no settings"));
+    let ready = get(&client(), &format!("http://{}/ready", app.admin_addr())).await;
+    assert_eq!(ready.0, 200, "the old config still serves: ready");
+    assert_eq!(get(&client(), &url).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_in_place_writes_never_apply_a_half_written_file() {
+    let backends = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
+    let text = |w: u32| {
+        let eps: Vec<_> = backends.iter().map(|b| (b.addr, w)).collect();
+        one_service("http", "", &eps) // endpoints last: the first half is a valid 1-endpoint config
+    };
+    let (_dir, path, app) = watched_app(&text(1)).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    // Records the endpoint count of every generation that gets applied.
+    let mut status = app.status();
+    let applied = {
+        let (app, mut status) = (app.clone(), app.status());
+        tokio::spawn(async move {
+            let mut counts = Vec::new();
+            while counts.len() < 8 && status.changed().await.is_ok() {
+                counts.push(app.runtime().upstreams["svc"].balancer.describe().len());
+            }
+            counts
+        })
+    };
+    let load = Load::start(&url, 4);
+    for w in 2..10u32 {
+        let before = status.borrow_and_update().generation;
+        // Longer than the old 100 ms settle, so a watcher reacting to writes would read half.
+        write_in_place_slowly(&path, &text(w), std::time::Duration::from_millis(150));
+        within(status.wait_for(|s| s.generation > before)).await.unwrap();
+    }
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} requests failed, {ok} succeeded");
+    let counts = within(applied).await.unwrap();
+    assert_eq!(counts, vec![3; 8], "a generation applied a truncated file");
+    assert_eq!(status.borrow().reload_failures, 0, "a half-written file was even read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_reads_a_changed_file_once_instead_of_spinning() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let (_dir, path, app) = watched_app(&config(a.addr, 1, b.addr, 1)).await;
+    let mut status = app.status();
+    write_atomically(&path, &config(a.addr, 0, b.addr, 1)); // invalid: weight 0
+    within(status.wait_for(|s| s.reload_failures == 1)).await.unwrap();
+    // Nothing to await here: the defect was *more* events. Watch a window 10× the old spin
+    // period; a watcher woken by its own reads would count this file again and again.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(status.borrow().reload_failures, 1, "the unchanged invalid file was re-read");
+    write_atomically(&path, &config(a.addr, 2, b.addr, 1));
+    within(status.wait_for(|s| s.generation == 2)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!((status.borrow().generation, status.borrow().reload_failures), (2, 1));
+}

@@ -303,13 +303,30 @@ async fn tcp_health_checks_mark_a_dead_endpoint_down() {
     assert_eq!(endpoint_state(&app, b.addr), "active");
 }
 
-/// A gRPC health v1 server: SERVING or NOT_SERVING as `serving` says.
-async fn grpc_health_backend(serving: Arc<AtomicBool>) -> Backend {
+/// A gRPC health v1 server: SERVING or NOT_SERVING as `serving` says, for the service name
+/// `expected` only (anything else is SERVICE_UNKNOWN).
+async fn grpc_health_backend(serving: Arc<AtomicBool>, expected: String) -> Backend {
     Backend::start(move |req: Request<hyper::body::Incoming>| {
-        let status = if serving.load(Ordering::SeqCst) { 1u8 } else { 2 };
+        let serving = serving.load(Ordering::SeqCst);
+        let expected = expected.clone();
         async move {
             assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
             assert_eq!(req.version(), http::Version::HTTP_2);
+            let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+            let mut msg = &body[5..];
+            let name = if msg.is_empty() {
+                String::new()
+            } else {
+                assert_eq!(msg[0], 0x0a, "field 1, length-delimited");
+                msg = &msg[1..];
+                let len = prost::encoding::decode_varint(&mut msg).unwrap() as usize;
+                String::from_utf8(msg[..len].to_vec()).unwrap()
+            };
+            let status = match (name == expected, serving) {
+                (false, _) => 3u8,
+                (true, true) => 1,
+                (true, false) => 2,
+            };
             let mut trailers = http::HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());
             let frames = vec![
@@ -328,10 +345,22 @@ async fn grpc_health_backend(serving: Arc<AtomicBool>) -> Backend {
 #[tokio::test]
 async fn grpc_health_checks_follow_serving_status() {
     let serving = Arc::new(AtomicBool::new(true));
-    let a = grpc_health_backend(serving.clone()).await;
+    // Longer than 127 bytes: its length takes two varint bytes (a hand-made encoding cut it).
+    let name = format!("payments.v1.{}", "Ledger".repeat(30));
+    let a = grpc_health_backend(serving.clone(), name.clone()).await;
     let b = Backend::named("b").await;
-    let extra = format!("    protocol: http2\n    health_check: {{ kind: grpc, {FAST_CHECKS} }}\n");
+    let extra =
+        format!("    protocol: http2\n    health_check: {{ kind: grpc, service: {name}, {FAST_CHECKS} }}\n");
     let app = start_app(&yaml(&extra, &[a.addr, b.addr])).await;
+    // Three passed checks: only `a` can pass (b speaks no gRPC), and only with the whole name.
+    let metrics = app.runtime().upstreams["svc"].metrics.clone();
+    within(async {
+        while metrics.health_checks_ok.load(Ordering::Relaxed) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(endpoint_state(&app, a.addr), "active", "the whole service name must reach the server");
     serving.store(false, Ordering::SeqCst);
     until_state(&app, a.addr, "unhealthy").await;
     serving.store(true, Ordering::SeqCst);

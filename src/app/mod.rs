@@ -65,6 +65,8 @@ struct Inner {
     runtime: ArcSwap<Runtime>,
     /// Held across a whole reload, so reloads apply one at a time.
     listeners: Mutex<Vec<Listener>>,
+    /// Configured listeners that could not be (re)bound on the last reload: not ready.
+    unbound: std::sync::Mutex<Vec<String>>,
     discoveries: Mutex<HashMap<String, ServiceTasks>>,
     registrar: Mutex<Option<Registrar>>,
     telemetry: Arc<Telemetry>,
@@ -114,6 +116,7 @@ impl App {
             inner: Arc::new(Inner {
                 runtime: ArcSwap::from_pointee(runtime),
                 listeners: Mutex::new(listeners),
+                unbound: std::sync::Mutex::new(Vec::new()),
                 discoveries: Mutex::new(discoveries),
                 registrar: Mutex::new(None),
                 telemetry,
@@ -164,12 +167,15 @@ impl App {
         self.inner.status.subscribe()
     }
 
-    /// Ready when not draining and every service has received its first endpoint set.
-    /// Listeners are bound before `start` returns and on every reload, so they always are.
+    /// Ready when not draining, every configured listener serves, and every service has
+    /// received its first endpoint set.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();
         if self.is_draining() {
             reasons.push("draining: shutdown in progress".to_string());
+        }
+        for name in self.inner.unbound.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            reasons.push(format!("listener {name}: not serving (its address could not be bound)"));
         }
         for (name, up) in &self.runtime().upstreams {
             if !up.balancer.snapshot().synced {
@@ -236,7 +242,9 @@ impl App {
         inner.draining.store(true, Ordering::Relaxed);
         let config = self.runtime().config.clone();
         // Peers must stop sending to us before we stop accepting: withdraw the key first.
-        if let Some(registrar) = inner.registrar.lock().await.take() {
+        // Taken out first: the lock must not be held across the delay (`/upstreams` reads it).
+        let registrar = inner.registrar.lock().await.take();
+        if let Some(registrar) = registrar {
             registrar.withdraw().await;
             if let Some(r) = &config.register {
                 tracing::info!(delay = ?r.deregistration_delay, "shutdown: deregistered; waiting for peers to see it");

@@ -26,20 +26,39 @@ impl App {
         let Some(path) = &self.inner.config_path else {
             return false;
         };
-        let result = match Config::load(path) {
-            Ok(config) => self.reload(config).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match result {
-            Ok(changed) => changed,
+        match Config::load(path) {
+            Ok(config) => self.apply(config).await,
             Err(e) => {
-                self.reload_failed(path, &e);
+                self.reload_failed(&e.to_string());
                 false
             }
         }
     }
 
-    fn reload_failed(&self, path: &Path, error: &str) {
+    /// Applies config text (as read by the file watcher). An invalid text is logged and
+    /// counted; the old config stays. True when a new generation was applied.
+    pub async fn reload_text(&self, text: &str) -> bool {
+        match Config::parse(text) {
+            Ok(config) => self.apply(config).await,
+            Err(e) => {
+                self.reload_failed(&e.to_string());
+                false
+            }
+        }
+    }
+
+    async fn apply(&self, config: Config) -> bool {
+        match self.reload(config).await {
+            Ok(changed) => changed,
+            Err(e) => {
+                self.reload_failed(&e.to_string());
+                false
+            }
+        }
+    }
+
+    fn reload_failed(&self, error: &str) {
+        let path = self.inner.config_path.as_deref().unwrap_or(Path::new("<embedded>"));
         tracing::error!(path = %path.display(), "config reload failed; keeping the running config:\n{error}");
         self.inner.status.send_modify(|s| {
             s.reload_failures += 1;
@@ -132,6 +151,13 @@ impl App {
                 Err(e) => tracing::error!(listener = %l.name, "cannot start listener: {e}"),
             }
         }
+        let unbound: Vec<String> = config
+            .listeners
+            .iter()
+            .filter(|l| !next.iter().any(|n| n.config.name == l.name))
+            .map(|l| l.name.clone())
+            .collect();
+        *self.inner.unbound.lock().unwrap_or_else(|e| e.into_inner()) = unbound;
         *listeners = next;
     }
 }

@@ -17,8 +17,10 @@ pub struct File {
     pub admin: AdminFile,
     #[serde(default)]
     pub shutdown: ShutdownFile,
-    #[serde(default)]
-    pub listeners: Vec<ListenerFile>,
+    /// `None` when the key is absent (a truncated file), so validation can say so.
+    pub listeners: Option<Vec<ListenerFile>>,
+    /// A config without listeners is refused unless this says it is meant (registration only).
+    pub allow_no_listeners: Option<bool>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceFile>,
     pub etcd: Option<EtcdFile>,

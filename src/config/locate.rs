@@ -81,6 +81,11 @@ impl Index {
         Some(path)
     }
 
+    /// True when the document has no keys at all (empty, only comments, `~` or `{}`).
+    pub fn is_empty(&self) -> bool {
+        self.positions.keys().all(String::is_empty)
+    }
+
     /// The position of `path`, or of its nearest ancestor that exists in the file.
     pub fn find(&self, path: &str) -> Option<Pos> {
         let mut p = path;

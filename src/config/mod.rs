@@ -33,6 +33,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
     pub listeners: Vec<ListenerConfig>,
+    /// A sidecar that only registers its app may have no listeners; otherwise that is an error.
+    pub allow_no_listeners: bool,
     pub services: BTreeMap<String, ServiceConfig>,
     /// The etcd cluster that `discovery: etcd` services read; required when any does.
     pub etcd: Option<EtcdConfig>,
@@ -245,9 +247,16 @@ impl Config {
     }
 
     /// A stable hash of the effective config: comment-only or formatting edits do not change it.
+    /// Secrets are redacted in the JSON form, so they are hashed separately: rotating the etcd
+    /// password in the file must count as a change.
     pub fn hash(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let digest = Sha256::digest(&json);
+        let mut hasher = Sha256::new();
+        hasher.update(serde_json::to_vec(self).unwrap_or_default());
+        if let Some(password) = self.etcd.as_ref().and_then(|e| e.password.as_deref()) {
+            hasher.update(b"\0etcd.password\0");
+            hasher.update(password.as_bytes());
+        }
+        let digest = hasher.finalize();
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 

@@ -80,6 +80,11 @@ impl fmt::Display for Problem {
 
 pub fn parse(text: &str, env: HashMap<String, String>) -> Result<Config, Vec<Problem>> {
     let index = Index::build(text);
+    if index.is_empty() {
+        let message = "the file has no settings (empty, or only comments): refusing it, since applying \
+                       it would close every listener — a file caught mid-write looks like this";
+        return Err(vec![Problem { path: String::new(), pos: None, message: message.into() }]);
+    }
     let options = serde_saphyr::Options::default().with_properties(env);
     let file: File =
         serde_saphyr::from_str_with_options(text, options).map_err(|e| vec![from_serde(&index, &e)])?;
@@ -162,8 +167,14 @@ impl Validator {
                 (name, service)
             })
             .collect();
+        let allow_no_listeners = f.allow_no_listeners.unwrap_or(false);
         let listeners: Vec<_> = f
             .listeners
+            .inspect(|l| self.some_listeners(l.is_empty(), allow_no_listeners))
+            .unwrap_or_else(|| {
+                self.some_listeners(true, allow_no_listeners);
+                Vec::new()
+            })
             .into_iter()
             .enumerate()
             .map(|(i, l)| self.listener(&format!("listeners[{i}]"), l, &services))
@@ -181,7 +192,29 @@ impl Validator {
         let logging = self.logging(f.logging);
         let access_log = self.access_log(f.access_log);
         let tracing = f.tracing.map(|t| self.tracing(t));
-        Config { admin, shutdown, listeners, services, etcd, register, logging, access_log, tracing }
+        Config {
+            admin,
+            shutdown,
+            listeners,
+            allow_no_listeners,
+            services,
+            etcd,
+            register,
+            logging,
+            access_log,
+            tracing,
+        }
+    }
+
+    /// A config that proxies nothing is almost always a truncated or half-written file.
+    fn some_listeners(&mut self, none: bool, allowed: bool) {
+        if none && !allowed {
+            self.problem(
+                "listeners",
+                "no listeners: Outrider would proxy nothing (is the file truncated?); list at least \
+                 one, or set `allow_no_listeners: true` for a sidecar that only registers its app",
+            );
+        }
     }
 
     pub(super) fn count(&mut self, path: &str, n: Option<u32>, default: u32) -> NonZeroU32 {

@@ -25,6 +25,8 @@ use crate::upstream::Balancer;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a disconnected watch checks whether etcd accepts connections again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
 
 /// One service's watch, as configured.
 #[derive(Debug, Clone)]
@@ -127,7 +129,10 @@ impl Watch {
             tracing::warn!(service = %self.service, retry_in = ?delay, "etcd watch failed, keeping the last known endpoints: {e}");
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+                back = wait_for_retry(&self.cluster, delay) => if back {
+                    tracing::info!(service = %self.service, "etcd is reachable again: reconnecting now");
+                    attempt = 0;
+                },
             }
         }
     }
@@ -306,6 +311,41 @@ fn tls_options(tls: &crate::config::EtcdTls) -> Result<etcd_client::TlsOptions, 
         options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
     Ok(options)
+}
+
+/// Waits out a reconnect backoff, but ends it early when etcd comes back: every
+/// `PROBE_EVERY` a plain TCP connect (no TLS, no gRPC — nothing etcd has to serve) checks
+/// whether an endpoint that refused connections accepts them again. So a long outage, whose
+/// backoff has grown to its cap, is followed by a reconnect within a probe interval, while a
+/// down etcd sees only SYNs. True when it ended early (reset the backoff: etcd may still be
+/// starting up, so the next attempts should be quick).
+async fn wait_for_retry(cluster: &EtcdConfig, delay: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + delay;
+    let mut was_down = !reachable(cluster).await;
+    loop {
+        let jitter = PROBE_EVERY.mul_f64(0.5 + fastrand::f64() / 2.0);
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + jitter)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        let up = reachable(cluster).await;
+        if up && was_down {
+            return true;
+        }
+        was_down = !up;
+    }
+}
+
+/// Whether any endpoint accepts a TCP connection within the dial timeout.
+async fn reachable(cluster: &EtcdConfig) -> bool {
+    for url in &cluster.endpoints {
+        let hostport = url.split_once("://").map_or(url.as_str(), |(_, r)| r).trim_end_matches('/');
+        let connect = tokio::net::TcpStream::connect(hostport);
+        if matches!(tokio::time::timeout(cluster.dial_timeout, connect).await, Ok(Ok(_))) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Full jitter: a random delay up to `base × 2^attempt`, capped.

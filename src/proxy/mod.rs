@@ -16,7 +16,6 @@ pub mod tcp;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -30,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig, UpstreamProtocol};
 use crate::discovery::etcd::WatchStatus;
+use crate::server::Acceptor;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
@@ -171,27 +171,16 @@ async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            () = stop.cancelled() => break,
-            r = socket.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Usually EMFILE: back off instead of spinning on the error.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = Acceptor::new(socket, "listener");
+    while let Some((stream, _)) = acceptor.next(&stop).await {
         let _ = stream.set_nodelay(true);
         match protocol {
             ListenerProtocol::Http => tracker.spawn(serve_http(stream, route.clone(), stop.clone())),
             ListenerProtocol::Tcp => tracker.spawn(tcp::handle(route.load_full(), stream)),
         };
     }
-    let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    drop(socket);
+    let addr = acceptor.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    drop(acceptor);
     tracing::info!(%addr, "listener closed: new connections are refused");
 }
 

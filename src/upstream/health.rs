@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use prost::Message as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -79,13 +80,9 @@ impl Prober {
 
     /// grpc.health.v1.Health/Check: healthy when the answer is SERVING with grpc-status 0.
     async fn grpc(&self, addr: SocketAddr, service: &str) -> bool {
-        let mut msg = Vec::with_capacity(7 + service.len());
-        if !service.is_empty() {
-            msg.push(0x0a); // field 1 (service), length-delimited
-            msg.push(service.len().min(127) as u8);
-            msg.extend_from_slice(&service.as_bytes()[..service.len().min(127)]);
-        }
-        let mut frame = vec![0u8];
+        let msg = HealthCheckRequest { service: service.to_string() }.encode_to_vec();
+        let mut frame = Vec::with_capacity(5 + msg.len());
+        frame.push(0); // not compressed
         frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         frame.extend_from_slice(&msg);
         let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
@@ -102,13 +99,28 @@ impl Prober {
     }
 }
 
-/// Parses a HealthCheckResponse frame: field 1 (status) must be SERVING (1).
+/// grpc.health.v1's messages (health.proto), encoded with prost.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    /// UNKNOWN = 0, SERVING = 1, NOT_SERVING = 2, SERVICE_UNKNOWN = 3.
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// Parses a gRPC frame holding a HealthCheckResponse: SERVING (1) is healthy.
 fn serving(mut body: Bytes) -> bool {
-    if body.len() < 5 {
+    if body.len() < 5 || body[0] != 0 {
         return false;
     }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     body.advance(5);
-    body.as_ref() == [0x08, 0x01]
+    body.len() == len && HealthCheckResponse::decode(body).is_ok_and(|r| r.status == 1)
 }
 
 /// Consecutive results that disagree with the current verdict; the verdict flips after
@@ -215,6 +227,14 @@ mod tests {
             })
             .collect();
         assert_eq!(seen, [false, false, false, true, true, true, true, true, true, false]);
+    }
+
+    #[test]
+    fn encodes_long_service_names_whole() {
+        let name = "x".repeat(300);
+        let bytes = HealthCheckRequest { service: name.clone() }.encode_to_vec();
+        assert_eq!(bytes.len(), 1 + 2 + 300, "tag, two-byte varint length, name");
+        assert_eq!(HealthCheckRequest::decode(bytes.as_slice()).unwrap().service, name);
     }
 
     #[test]

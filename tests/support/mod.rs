@@ -261,10 +261,24 @@ pub struct Binary {
 
 impl Binary {
     pub fn spawn(yaml: &str) -> Binary {
+        Binary::spawn_with(yaml, None)
+    }
+
+    /// Like [`Binary::spawn`], with the open-files limit (`ulimit -n`) set to `nofile`.
+    pub fn spawn_with(yaml: &str, nofile: Option<u32>) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outrider.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
+        let bin = env!("CARGO_BIN_EXE_outrider");
+        let mut command = match nofile {
+            None => std::process::Command::new(bin),
+            Some(n) => {
+                let mut sh = std::process::Command::new("sh");
+                sh.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                sh
+            }
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -349,5 +363,48 @@ impl Held {
         })
         .await;
         Held { backend, gate, arrived }
+    }
+}
+
+/// Closed-loop load: `workers` tasks each sending GETs to `url` one after another until
+/// [`Load::stop`]; counts answers by outcome. Bounded by the caller's stop and by `LIMIT`.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub ok: Arc<AtomicUsize>,
+    pub failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: &str, workers: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.to_string());
+                tokio::spawn(async move {
+                    let client = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let req = Request::get(&url).body(empty()).unwrap();
+                        let good = match within(client.request(req)).await {
+                            Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
+                            _ => false,
+                        };
+                        let counter = if good { &ok } else { &failed };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failed, tasks }
+    }
+
+    /// Stops the workers; returns (ok, failed).
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            within(t).await.unwrap();
+        }
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }
