@@ -12,7 +12,7 @@ use std::time::Duration;
 use divan::Bencher;
 use outrider::config::{Config, EndpointSpec, Policy};
 use outrider::telemetry::metrics::{Matrix, ServiceMetrics};
-use outrider::upstream::Balancer;
+use outrider::upstream::{Balancer, Owner};
 
 fn main() {
     divan::main();
@@ -30,34 +30,34 @@ fn specs(n: usize, weighted: bool) -> Vec<EndpointSpec> {
         .collect()
 }
 
-fn balancer(policy: Policy, n: usize, weighted: bool) -> std::sync::Arc<Balancer> {
-    let b = Balancer::new(policy, &Default::default());
-    b.update(&specs(n, weighted));
-    b
+fn balancer(policy: Policy, n: usize, weighted: bool) -> (std::sync::Arc<Balancer>, Owner) {
+    let (b, mut owner) = Balancer::new(policy, &Default::default());
+    owner.update(&specs(n, weighted));
+    (b, owner)
 }
 
 #[divan::bench(args = SIZES, threads = [1, 2])]
 fn pick_weighted_round_robin(bencher: Bencher, n: usize) {
-    let b = balancer(Policy::WeightedRoundRobin, n, true);
+    let (b, _owner) = balancer(Policy::WeightedRoundRobin, n, true);
     bencher.bench(|| b.pick());
 }
 
 #[divan::bench(args = SIZES, threads = [1, 2])]
 fn pick_round_robin_equal_weights(bencher: Bencher, n: usize) {
-    let b = balancer(Policy::WeightedRoundRobin, n, false);
+    let (b, _owner) = balancer(Policy::WeightedRoundRobin, n, false);
     bencher.bench(|| b.pick());
 }
 
 #[divan::bench(args = SIZES, threads = [1, 2])]
 fn pick_least_request(bencher: Bencher, n: usize) {
-    let b = balancer(Policy::LeastRequest, n, true);
+    let (b, _owner) = balancer(Policy::LeastRequest, n, true);
     bencher.bench(|| b.pick());
 }
 
 /// Replace the set with one where a tenth of the endpoints changed (the usual churn).
 #[divan::bench(args = SIZES)]
 fn update_endpoint_set(bencher: Bencher, n: usize) {
-    let b = balancer(Policy::WeightedRoundRobin, n, true);
+    let (_b, mut owner) = balancer(Policy::WeightedRoundRobin, n, true);
     let (a, mut c) = (specs(n, true), specs(n, true));
     for (i, e) in c.iter_mut().enumerate().filter(|(i, _)| i % 10 == 0) {
         e.addr.set_port(9000 + (i % 1000) as u16);
@@ -65,7 +65,7 @@ fn update_endpoint_set(bencher: Bencher, n: usize) {
     let mut flip = false;
     bencher.bench_local(|| {
         flip = !flip;
-        b.update(if flip { &c } else { &a });
+        owner.update(if flip { &c } else { &a });
     });
 }
 

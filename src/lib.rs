@@ -11,13 +11,17 @@
 //!
 //! See ARCHITECTURE.md for the invariants that hold these together.
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
+mod admin;
 pub mod app;
+mod client;
+mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
-pub mod proxy;
-pub mod register;
+mod proxy;
+mod register;
 mod server;
 pub mod telemetry;
 pub mod upstream;

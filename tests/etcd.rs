@@ -39,7 +39,7 @@ async fn until_routed_to(url: &str, name: &str) -> Duration {
 
 async fn endpoint_addrs(app: &outrider::app::App) -> Vec<String> {
     let mut addrs: Vec<_> =
-        app.runtime().upstreams["pay"].balancer.describe().iter().map(|e| e.addr.to_string()).collect();
+        app.balancer("pay").unwrap().describe().iter().map(|e| e.addr.to_string()).collect();
     addrs.sort();
     addrs
 }
@@ -207,7 +207,13 @@ async fn cold_start_with_etcd_down_serves_a_snapshot_and_is_not_ready_without_on
         app.shutdown(false);
         within(app.finished()).await;
     }
-    assert!(dir.path().join("pay.json").exists(), "snapshot written");
+    // Written off the runtime, shortly after the set was applied.
+    within(async {
+        while !dir.path().join("pay.json").exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     etcd.kill();
 
     let app = start_app(&etcd_config(&etcd, "", &with_snapshot)).await;

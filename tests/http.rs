@@ -306,3 +306,121 @@ async fn hop_by_hop_headers_do_not_reach_the_upstream() {
     let resp = within(client().request(req)).await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// An HTTP/2 server (the `h2` crate) that answers RST_STREAM(REFUSED_STREAM) to the first
+/// `refuse` streams it sees, then 200 "processed"; counts the requests it processed.
+async fn refusing_h2_server(
+    refuse: usize,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (seen, processed) =
+        (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let counter = processed.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            let (seen, processed) = (seen.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(stream).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let mut body = req.into_body();
+                    while let Some(chunk) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+                    }
+                    processed.fetch_add(1, Ordering::SeqCst);
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    send.send_data(Bytes::from_static(b"processed"), true).unwrap();
+                }
+            });
+        }
+    });
+    (addr, processed)
+}
+
+#[tokio::test]
+async fn refused_stream_is_retried_even_for_a_post() {
+    let (server, processed) = refusing_h2_server(1).await;
+    let extra = "    protocol: http2\n    outlier_detection: { consecutive_failures: 0 }\n";
+    let app = start_app(&one_service("http", extra, &[(server, 1)])).await;
+    let url = format!("http://{}/pay", app.listener_addr("front").await.unwrap());
+    let req = Request::post(&url).body(full(Bytes::from_static(b"{\"amount\":1}"))).unwrap();
+    let resp = within(client().request(req)).await.unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.headers());
+    assert_eq!(resp.headers()["x-outrider-attempts"], "2");
+    assert_eq!(within(resp.into_body().collect()).await.unwrap().to_bytes(), "processed");
+    assert_eq!(processed.load(std::sync::atomic::Ordering::SeqCst), 1, "processed exactly once");
+
+    // Without the condition in retry_on, the refusal is the answer: 502 refused_stream.
+    let (server, _) = refusing_h2_server(usize::MAX).await;
+    let extra = format!("{extra}    retries: {{ retry_on: [connect_failure] }}\n");
+    let app = start_app(&one_service("http", &extra, &[(server, 1)])).await;
+    let url = format!("http://{}/pay", app.listener_addr("front").await.unwrap());
+    let (status, headers, _) = get(&client(), &url).await;
+    assert_eq!((status, headers["x-outrider-error"].to_str().unwrap()), (502, "refused_stream"));
+}
+
+/// A minimal HTTP/2 peer written frame by frame: it completes the handshake, waits for the
+/// client's first HEADERS frame, then sends GOAWAY with last-stream-id 0 (nothing processed)
+/// and closes. Counts the HEADERS frames it saw.
+async fn goaway_h2_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let headers_seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = headers_seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = socket.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                s.read_exact(&mut preface).await.unwrap();
+                s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
+                loop {
+                    let mut head = [0u8; 9];
+                    if s.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0u8; len];
+                    s.read_exact(&mut payload).await.unwrap();
+                    match head[3] {
+                        0x4 if head[4] & 1 == 0 => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(), // ACK
+                        0x1 => {
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            // GOAWAY: last-stream-id 0, NO_ERROR; then close our side and
+                            // drain theirs (closing with unread data would reset the socket).
+                            s.write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
+                            let _ = s.shutdown().await;
+                            let mut sink = Vec::new();
+                            let _ = s.read_to_end(&mut sink).await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, headers_seen)
+}
+
+#[tokio::test]
+async fn a_stream_above_a_goaway_last_stream_id_is_retried_even_for_a_post() {
+    let (goaway, headers_seen) = goaway_h2_server().await;
+    let good = Backend::named("good").await;
+    let extra = "    protocol: http2\n    outlier_detection: { consecutive_failures: 0 }\n";
+    // The GOAWAY server comes first in round-robin order.
+    let app = start_app(&one_service("http", extra, &[(goaway, 1), (good.addr, 1)])).await;
+    let url = format!("http://{}/pay", app.listener_addr("front").await.unwrap());
+    let req = Request::post(&url).body(full(Bytes::from_static(b"{}"))).unwrap();
+    let resp = within(client().request(req)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-outrider-attempts"], "2");
+    assert_eq!(headers_seen.load(std::sync::atomic::Ordering::SeqCst), 1, "the first attempt reached it");
+    assert_eq!(good.hits(), 1);
+}

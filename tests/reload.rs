@@ -54,19 +54,19 @@ async fn reload_under_load_loses_no_request_and_applies_weights() {
         } else {
             write_atomically(&path, &config(a.addr, 0, b.addr, 1)); // weight 0: invalid
             within(status.wait_for(|s| s.reload_failures > before.reload_failures)).await.unwrap();
-            assert_eq!(app.runtime().generation, before.generation, "invalid file must not apply");
+            assert_eq!(app.status().borrow().generation, before.generation, "invalid file must not apply");
         }
     }
     stop.store(true, Ordering::Relaxed);
     within(load).await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during reloads");
     assert!(ok.load(Ordering::Relaxed) > 0);
-    assert_eq!(app.runtime().generation, 11);
+    assert_eq!(app.status().borrow().generation, 11);
     assert_eq!(status.borrow().reload_failures, 10);
     assert!(status.borrow().last_reload_error.as_deref().unwrap().contains("endpoints[0].weight"));
 
     // Weights change takes effect: 3:1 gives exactly 300:100 over 400 sequential requests.
-    let before = app.runtime().generation;
+    let before = app.status().borrow().generation;
     write_atomically(&path, &config(a.addr, 3, b.addr, 1));
     within(status.wait_for(|s| s.generation > before)).await.unwrap();
     let client = client();
@@ -86,12 +86,12 @@ async fn reload_keeps_endpoint_state_and_listener_of_unchanged_parts() {
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
     let app = start_app(&config(a.addr, 1, b.addr, 1)).await;
     let front = app.listener_addr("front").await.unwrap();
-    let state_before = app.runtime().upstreams["svc"].balancer.snapshot().endpoints[0].state.clone();
+    let state_before = app.balancer("svc").unwrap().snapshot().endpoints[0].state.clone();
     let mut next = outrider::config::Config::parse(&config(a.addr, 5, b.addr, 1)).unwrap();
     next.services.get_mut("svc").unwrap().timeouts.request = std::time::Duration::from_secs(3);
     assert!(app.reload(next).await.unwrap());
     assert_eq!(app.listener_addr("front").await, Some(front), "listener kept its socket");
-    let snap = app.runtime().upstreams["svc"].balancer.snapshot();
+    let snap = app.balancer("svc").unwrap().snapshot();
     assert!(Arc::ptr_eq(&snap.endpoints[0].state, &state_before), "endpoint state kept");
     assert_eq!(snap.endpoints[0].weight, 5);
 }
@@ -147,7 +147,7 @@ async fn an_empty_file_is_refused_and_every_listener_keeps_serving() {
     within(status.wait_for(|s| s.reload_failures == 1)).await.unwrap();
     let (ok, failed) = load.stop().await;
     assert_eq!(failed, 0, "requests failed after an empty config was written ({ok} succeeded)");
-    assert_eq!(app.runtime().generation, 1, "the empty file must not apply");
+    assert_eq!(app.status().borrow().generation, 1, "the empty file must not apply");
     assert!(status.borrow().last_reload_error.as_deref().unwrap().contains("no settings"));
     let ready = get(&client(), &format!("http://{}/ready", app.admin_addr())).await;
     assert_eq!(ready.0, 200, "the old config still serves: ready");
@@ -170,7 +170,7 @@ async fn slow_in_place_writes_never_apply_a_half_written_file() {
         tokio::spawn(async move {
             let mut counts = Vec::new();
             while counts.len() < 8 && status.changed().await.is_ok() {
-                counts.push(app.runtime().upstreams["svc"].balancer.describe().len());
+                counts.push(app.balancer("svc").unwrap().describe().len());
             }
             counts
         })

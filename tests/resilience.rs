@@ -164,7 +164,7 @@ async fn a_post_is_retried_when_it_never_left() {
 }
 
 fn endpoint_state(app: &outrider::app::App, addr: SocketAddr) -> &'static str {
-    let views = app.runtime().upstreams["svc"].balancer.describe();
+    let views = app.balancer("svc").unwrap().describe();
     views.iter().find(|e| e.addr == addr).map(|e| e.state).unwrap()
 }
 
@@ -353,7 +353,7 @@ async fn grpc_health_checks_follow_serving_status() {
         format!("    protocol: http2\n    health_check: {{ kind: grpc, service: {name}, {FAST_CHECKS} }}\n");
     let app = start_app(&yaml(&extra, &[a.addr, b.addr])).await;
     // Three passed checks: only `a` can pass (b speaks no gRPC), and only with the whole name.
-    let metrics = app.runtime().upstreams["svc"].metrics.clone();
+    let metrics = app.service_metrics("svc").unwrap();
     within(async {
         while metrics.health_checks_ok.load(Ordering::Relaxed) < 3 {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -78,5 +78,5 @@ async fn tcp_least_request_counts_open_connections() {
 }
 
 fn in_flight(app: &outrider::app::App) -> Vec<usize> {
-    app.runtime().upstreams["svc"].balancer.describe().iter().map(|e| e.in_flight).collect()
+    app.balancer("svc").unwrap().describe().iter().map(|e| e.in_flight).collect()
 }

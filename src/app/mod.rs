@@ -23,16 +23,18 @@ use crate::config::Config;
 use crate::proxy::{Listener, Upstream};
 use crate::register::Registrar;
 use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::ServiceMetrics;
+use crate::upstream::Balancer;
 use reload::{ServiceTasks, bind, build_upstreams, local_addr};
 
 /// One config generation: what every new request and connection uses.
 #[derive(Debug)]
-pub struct Runtime {
-    pub generation: u64,
-    pub hash: String,
-    pub config: Arc<Config>,
-    pub upstreams: BTreeMap<String, Arc<Upstream>>,
-    pub loaded_at: SystemTime,
+pub(crate) struct Runtime {
+    pub(crate) generation: u64,
+    pub(crate) hash: String,
+    pub(crate) config: Arc<Config>,
+    pub(crate) upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub(crate) loaded_at: SystemTime,
 }
 
 /// What reload watchers (tests, the admin page) can observe.
@@ -92,8 +94,8 @@ impl App {
         let admin_addr = local_addr("admin", config.admin.bind, &admin_socket)?;
         let telemetry = Arc::new(Telemetry::new(&config).map_err(|e| AppError::Telemetry(e.to_string()))?);
         let mut discoveries = HashMap::new();
-        let upstreams = build_upstreams(&config, None, &mut discoveries, &telemetry);
         let tracker = TaskTracker::new();
+        let upstreams = build_upstreams(&config, None, &mut discoveries, (&telemetry, &tracker)).await;
         let stop_accepting = CancellationToken::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
@@ -139,11 +141,27 @@ impl App {
         Ok(app)
     }
 
-    pub fn runtime(&self) -> Arc<Runtime> {
+    pub(crate) fn runtime(&self) -> Arc<Runtime> {
         self.inner.runtime.load_full()
     }
 
-    pub fn telemetry(&self) -> &Arc<Telemetry> {
+    /// The running config.
+    pub fn config(&self) -> Arc<Config> {
+        self.runtime().config.clone()
+    }
+
+    /// A service's live endpoint set (what `/upstreams` shows), or `None` if there is no
+    /// such service.
+    pub fn balancer(&self, service: &str) -> Option<Arc<Balancer>> {
+        Some(self.runtime().upstreams.get(service)?.balancer.clone())
+    }
+
+    /// A service's request counters, kept across reloads.
+    pub fn service_metrics(&self, service: &str) -> Option<Arc<ServiceMetrics>> {
+        Some(self.runtime().upstreams.get(service)?.metrics.clone())
+    }
+
+    pub(crate) fn telemetry(&self) -> &Arc<Telemetry> {
         &self.inner.telemetry
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::task::TaskTracker;
 
 use super::{App, AppError, Runtime};
 use crate::config::{Config, ListenerConfig};
@@ -15,7 +16,7 @@ use crate::discovery::Discovery;
 use crate::proxy::{Listener, Shared, Upstream};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
-use crate::upstream::Balancer;
+use crate::upstream::Service;
 use crate::upstream::health::Checker;
 
 // === impl App ===
@@ -90,7 +91,8 @@ impl App {
         let plan = plan_listeners(&listeners, &config.listeners)?;
         let upstreams = {
             let mut discoveries = self.inner.discoveries.lock().await;
-            build_upstreams(&config, Some(&current), &mut discoveries, &self.inner.telemetry)
+            let shared = (&self.inner.telemetry, &self.inner.tracker);
+            build_upstreams(&config, Some(&current), &mut discoveries, shared).await
         };
         let generation = current.generation + 1;
         let config = Arc::new(config);
@@ -184,13 +186,14 @@ struct ListenerPlan {
     rebinds: Vec<ListenerConfig>,
 }
 
-/// Builds each service's generation view, reusing balancers (endpoint state), connection
-/// pools and discovery sources of services that exist already.
-pub(super) fn build_upstreams(
+/// Builds each service's generation view, reusing the owner tasks (endpoint state),
+/// connection pools and discovery sources of services that exist already. Returns once every
+/// service's settings and static endpoints are in force.
+pub(super) async fn build_upstreams(
     config: &Config,
     previous: Option<&Runtime>,
     tasks: &mut HashMap<String, ServiceTasks>,
-    telemetry: &Arc<Telemetry>,
+    shared: (&Arc<Telemetry>, &TaskTracker),
 ) -> BTreeMap<String, Arc<Upstream>> {
     let mut next = HashMap::new();
     let mut upstreams = BTreeMap::new();
@@ -198,15 +201,18 @@ pub(super) fn build_upstreams(
     for (name, svc) in &config.services {
         let prev = previous.and_then(|r| r.upstreams.get(name));
         let outlier = &svc.resilience.outlier;
-        let balancer =
-            prev.map_or_else(|| Balancer::new(svc.load_balancing, outlier), |p| p.balancer.clone());
-        balancer.configure(svc.load_balancing, outlier);
         let old = tasks.remove(name);
-        let (old_discovery, old_checker) = old.map_or((None, None), |t| (Some(t.discovery), t.checker));
-        let discovery = match old_discovery {
-            Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, &balancer),
-            None => Discovery::start(name, &svc.discovery, etcd, svc.protocol, &balancer),
+        let (service, old_discovery, old_checker) = match old {
+            Some(t) => (t.service, Some(t.discovery), t.checker),
+            None => (Service::spawn(name, svc.load_balancing, outlier), None, None),
         };
+        let handle = service.handle();
+        handle.configure(svc.load_balancing, outlier).await;
+        let discovery = match old_discovery {
+            Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, handle).await,
+            None => Discovery::start(name, &svc.discovery, etcd, svc.protocol, handle).await,
+        };
+        let balancer = handle.balancer().clone();
         let metrics: Arc<ServiceMetrics> = prev.map_or_else(Default::default, |p| p.metrics.clone());
         let checker = match (old_checker, &svc.resilience.health_check) {
             (Some(c), Some(cfg)) if c.config == *cfg => Some(c),
@@ -216,15 +222,16 @@ pub(super) fn build_upstreams(
                     balancer.snapshot().endpoints.iter().for_each(|e| {
                         e.state.health.set_healthy(true);
                     });
-                    balancer.refresh();
+                    balancer.changed();
                 }
                 cfg.as_ref().map(|c| Checker::start(name, c, &balancer, &metrics))
             }
         };
         let watch = discovery.etcd.clone();
-        next.insert(name.clone(), ServiceTasks { discovery, checker });
+        next.insert(name.clone(), ServiceTasks { service, discovery, checker });
         let generation = previous.map_or(1, |r| r.generation + 1);
-        let shared = Shared { balancer, metrics, telemetry, generation, watch };
+        let (telemetry, tasks) = shared;
+        let shared = Shared { balancer, metrics, telemetry, tasks, generation, watch };
         let upstream = Upstream::new(name, svc.clone(), shared, prev.map(|p| &**p));
         upstreams.insert(name.clone(), Arc::new(upstream));
     }
@@ -232,9 +239,11 @@ pub(super) fn build_upstreams(
     upstreams
 }
 
-/// What runs per service beside the request path: discovery and active health checks.
+/// What runs per service beside the request path: the owner of its endpoint state,
+/// discovery, and active health checks.
 #[derive(Debug)]
 pub(super) struct ServiceTasks {
+    service: Service,
     pub(super) discovery: Discovery,
     checker: Option<Checker>,
 }

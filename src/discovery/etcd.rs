@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode::decode;
 use crate::config::{EndpointSpec, EtcdConfig, UpstreamProtocol};
-use crate::upstream::Balancer;
+use crate::upstream::ServiceHandle;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -107,19 +107,19 @@ impl WatchStatus {
 // === impl Watch ===
 
 impl Watch {
-    pub async fn run(self, balancer: Arc<Balancer>, status: Arc<WatchStatus>, stop: CancellationToken) {
+    pub(crate) async fn run(self, service: ServiceHandle, status: Arc<WatchStatus>, stop: CancellationToken) {
         status.set_state("connecting");
         if let Some(snap) = self.load_snapshot() {
             tracing::warn!(service = %self.service, revision = snap.revision, endpoints = snap.endpoints.len(),
                 "serving the last-known-good snapshot until etcd answers");
-            balancer.update(&snap.endpoints.into_iter().map(Into::into).collect::<Vec<_>>());
+            service.update(snap.endpoints.into_iter().map(Into::into).collect());
             status.set_state("snapshot");
         }
         let mut attempt = 0u32;
         loop {
             let result = tokio::select! {
                 () = stop.cancelled() => return,
-                r = self.session(&balancer, &status, &mut attempt) => r,
+                r = self.session(&service, &status, &mut attempt) => r,
             };
             let Err(e) = result;
             status.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -140,13 +140,13 @@ impl Watch {
     /// One connection: list, then watch until an error. Never returns `Ok`.
     async fn session(
         &self,
-        balancer: &Balancer,
+        service: &ServiceHandle,
         status: &WatchStatus,
         attempt: &mut u32,
     ) -> Result<std::convert::Infallible, WatchError> {
         let mut client = connect(&self.cluster).await?;
         let mut values = BTreeMap::new();
-        let mut revision = self.list(&mut client, &mut values, balancer, status).await?;
+        let mut revision = self.list(&mut client, &mut values, service, status).await?;
         *attempt = 0;
         loop {
             let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
@@ -162,7 +162,7 @@ impl Watch {
                 if resp.canceled() {
                     if resp.compact_revision() > 0 {
                         tracing::info!(service = %self.service, compacted = resp.compact_revision(), "watch fell behind a compaction; re-listing");
-                        revision = self.list(&mut client, &mut values, balancer, status).await?;
+                        revision = self.list(&mut client, &mut values, service, status).await?;
                         break;
                     }
                     return Err(WatchError::Ended(resp.cancel_reason().to_string()));
@@ -184,7 +184,7 @@ impl Watch {
                     revision = revision.max(h.revision());
                 }
                 if !events.is_empty() {
-                    self.publish(&values, revision, balancer, status);
+                    self.publish(&values, revision, service, status);
                 }
             }
         }
@@ -195,7 +195,7 @@ impl Watch {
         &self,
         client: &mut Client,
         values: &mut BTreeMap<String, Vec<u8>>,
-        balancer: &Balancer,
+        service: &ServiceHandle,
         status: &WatchStatus,
     ) -> Result<i64, WatchError> {
         let timeout = self.cluster.request_timeout;
@@ -206,7 +206,7 @@ impl Watch {
             values.insert(String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec());
         }
         let revision = resp.header().map_or(0, |h| h.revision());
-        self.publish(values, revision, balancer, status);
+        self.publish(values, revision, service, status);
         Ok(revision)
     }
 
@@ -215,7 +215,7 @@ impl Watch {
         &self,
         values: &BTreeMap<String, Vec<u8>>,
         revision: i64,
-        balancer: &Balancer,
+        service: &ServiceHandle,
         status: &WatchStatus,
     ) {
         let mut seen = HashSet::new();
@@ -232,9 +232,9 @@ impl Watch {
             }
         }
         tracing::debug!(service = %self.service, revision, endpoints = endpoints.len(), "etcd endpoint set");
-        balancer.update(&endpoints);
-        status.updated(revision);
         self.save_snapshot(revision, &endpoints);
+        service.update(endpoints);
+        status.updated(revision);
     }
 
     fn selected(&self, e: &EndpointSpec) -> bool {
@@ -258,23 +258,26 @@ impl Watch {
         }
     }
 
-    /// Written to a temporary file and renamed, so a crash never leaves half a snapshot.
+    /// Written off the runtime (blocking file I/O), to a temporary file then renamed, so a
+    /// crash never leaves half a snapshot.
     fn save_snapshot(&self, revision: i64, endpoints: &[EndpointSpec]) {
         let Some(path) = self.snapshot_path() else {
             return;
         };
         let snap = Snapshot { revision, endpoints: endpoints.iter().map(Into::into).collect() };
-        let tmp = path.with_extension("json.tmp");
-        let result = serde_json::to_vec(&snap)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                std::fs::create_dir_all(path.parent().unwrap_or(&path))
-                    .and_then(|()| std::fs::write(&tmp, bytes))
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), "cannot write the endpoint snapshot: {e}");
-        }
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension(format!("json.{revision}.tmp"));
+            let result = serde_json::to_vec(&snap)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| {
+                    std::fs::create_dir_all(path.parent().unwrap_or(&path))
+                        .and_then(|()| std::fs::write(&tmp, bytes))
+                })
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = result {
+                tracing::warn!(path = %path.display(), "cannot write the endpoint snapshot: {e}");
+            }
+        });
     }
 }
 

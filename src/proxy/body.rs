@@ -1,7 +1,22 @@
-//! The response body the proxy hands back: either the upstream's, streamed through and
-//! keeping its endpoint's in-flight count until the last frame, or a short local one.
+//! Bodies on both sides of the proxy.
+//!
+//! [`RequestBody`]: the app's request body across attempts — empty, sendable once, or
+//! replayable — and [`RequestBody::next`] hands out what the next attempt may send. A
+//! replayable body streams to the first attempt as it arrives (no store-and-forward, so gRPC
+//! streams and uploads are not delayed) while a copy is kept up to a cap; once it outgrows the
+//! cap the copy is dropped and the body can no longer be sent again. An error *from the app's
+//! body* (malformed chunking, the app went away mid-body) is recorded, so the failure is
+//! blamed on the client rather than the upstream.
+//!
+//! [`ProxyBody`]: the response, streamed through while it holds its endpoint's in-flight
+//! count, the breaker admission and the upstream connection until the last frame.
+//! Must not: hold more than the cap per request.
+
+mod replay;
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -9,32 +24,204 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+pub(crate) use replay::Replay;
+
+use crate::client::Lease;
 use crate::upstream::InFlight;
 use crate::upstream::breaker::Admission;
 
+/// The body the upstream client sends.
+pub(crate) type UpstreamBody = Outbound<Incoming>;
+
+/// An error in the app's request body: a broken body, or the app gone mid-body.
+pub(crate) trait ClientFault: std::fmt::Display {
+    fn aborted(&self) -> bool;
+}
+
+impl ClientFault for hyper::Error {
+    fn aborted(&self) -> bool {
+        self.is_incomplete_message()
+    }
+}
+
+/// What went wrong with the app's body, if anything (shared with the attempts sending it).
+#[derive(Debug, Default)]
+pub(crate) struct Fault(AtomicU8);
+
+/// The app's request body across the attempts of one request.
 #[derive(Debug)]
-pub enum ProxyBody {
+pub(crate) enum RequestBody<B> {
+    /// No body (most GETs): every attempt sends nothing.
+    Empty,
+    /// Streamed as is, by one attempt; a connect failure gives it back.
+    Once(Option<B>, Arc<Fault>),
+    /// Streamed to the first attempt while a capped copy is kept for the next ones.
+    Replay(Replay<B>),
+}
+
+/// One attempt's body.
+#[derive(Debug)]
+pub(crate) enum Outbound<B> {
+    Empty,
+    Once(B, Arc<Fault>),
+    Replay(replay::Attempt<B>),
+}
+
+// === impl RequestBody ===
+
+impl<B> RequestBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: ClientFault,
+{
+    /// `attempts`: how many attempts the policy allows; `cap`: the most kept for replay.
+    pub(crate) fn new(body: B, attempts: u32, cap: usize) -> Self {
+        if body.is_end_stream() {
+            RequestBody::Empty
+        } else if attempts <= 1 {
+            RequestBody::Once(Some(body), Arc::default())
+        } else {
+            RequestBody::Replay(Replay::new(body, cap))
+        }
+    }
+
+    /// The body for the next attempt; `None` when it cannot be sent (again).
+    pub(crate) fn next(&mut self) -> Option<Outbound<B>> {
+        match self {
+            RequestBody::Empty => Some(Outbound::Empty),
+            RequestBody::Once(body, fault) => Some(Outbound::Once(body.take()?, fault.clone())),
+            RequestBody::Replay(r) => r.replayable().then(|| Outbound::Replay(r.attempt())),
+        }
+    }
+
+    /// Takes back a body an attempt never started to send (the connection failed first).
+    pub(crate) fn restore(&mut self, unsent: Outbound<B>) {
+        if let (RequestBody::Once(slot @ None, _), Outbound::Once(body, _)) = (self, unsent) {
+            *slot = Some(body);
+        }
+    }
+
+    /// Whether another attempt could send the whole body.
+    pub(crate) fn replayable(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Once(body, _) => body.is_some(),
+            RequestBody::Replay(r) => r.replayable(),
+        }
+    }
+
+    /// The app's body failed: `Some(aborted)` (true: the app went away mid-body).
+    pub(crate) fn fault(&self) -> Option<bool> {
+        match self {
+            RequestBody::Empty => None,
+            RequestBody::Once(_, fault) => fault.get(),
+            RequestBody::Replay(r) => r.fault(),
+        }
+    }
+}
+
+// === impl Fault ===
+
+impl Fault {
+    const MALFORMED: u8 = 1;
+    const ABORTED: u8 = 2;
+
+    pub(crate) fn record(&self, e: &impl ClientFault) {
+        let kind = if e.aborted() { Fault::ABORTED } else { Fault::MALFORMED };
+        self.0.store(kind, Ordering::Relaxed);
+        tracing::debug!("request body from the app failed: {e}");
+    }
+
+    pub(crate) fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            k => Some(k == Fault::ABORTED),
+        }
+    }
+}
+
+// === impl Outbound ===
+
+impl<B> Body for Outbound<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: ClientFault,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.get_mut() {
+            Outbound::Empty => Poll::Ready(None),
+            Outbound::Once(b, fault) => {
+                let poll = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &poll {
+                    fault.record(e);
+                }
+                poll
+            }
+            Outbound::Replay(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Outbound::Empty => true,
+            Outbound::Once(b, _) => b.is_end_stream(),
+            Outbound::Replay(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Outbound::Empty => SizeHint::with_exact(0),
+            Outbound::Once(b, _) => b.size_hint(),
+            Outbound::Replay(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The response body handed back to the app.
+#[derive(Debug)]
+pub(crate) enum ProxyBody {
     Upstream {
         inner: Incoming,
         /// Dropped as soon as the body ends, so least-request and the concurrency limit see
-        /// the true load.
-        in_flight: Option<(InFlight, Option<Admission>)>,
+        /// the true load, and an HTTP/1.1 connection is free for the next request.
+        held: Option<Held>,
     },
     Local(Full<Bytes>),
+}
+
+/// What a streaming response holds until its last frame.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) in_flight: InFlight,
+    /// The breaker's in-flight slot, given back when the body ends (held for its `Drop`).
+    pub(crate) _admission: Option<Admission>,
+    pub(crate) lease: Option<Lease>,
 }
 
 // === impl ProxyBody ===
 
 impl ProxyBody {
-    pub fn upstream(inner: Incoming, in_flight: InFlight, admission: impl Into<Option<Admission>>) -> Self {
-        ProxyBody::Upstream { inner, in_flight: Some((in_flight, admission.into())) }
+    pub(crate) fn upstream(inner: Incoming, held: Held) -> Self {
+        // An empty body (204, HEAD, Content-Length: 0) may never be polled: finish now.
+        if inner.is_end_stream() {
+            held.finish();
+            return ProxyBody::Upstream { inner, held: None };
+        }
+        ProxyBody::Upstream { inner, held: Some(held) }
     }
 
-    pub fn local(bytes: Bytes) -> Self {
+    pub(crate) fn local(bytes: Bytes) -> Self {
         ProxyBody::Local(Full::new(bytes))
     }
 
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         ProxyBody::Local(Full::new(Bytes::new()))
     }
 }
@@ -48,10 +235,22 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { inner, in_flight } => {
-                let poll = Pin::new(inner).poll_frame(cx);
-                if matches!(poll, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    in_flight.take();
+            ProxyBody::Upstream { inner, held } => {
+                let poll = Pin::new(&mut *inner).poll_frame(cx);
+                match &poll {
+                    // Read to its end: the connection may serve the next request.
+                    Poll::Ready(None) => {
+                        if let Some(h) = held.take() {
+                            h.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => drop(held.take()),
+                    _ if inner.is_end_stream() => {
+                        if let Some(h) = held.take() {
+                            h.finish();
+                        }
+                    }
+                    _ => {}
                 }
                 poll
             }
@@ -70,6 +269,17 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { inner, .. } => inner.size_hint(),
             ProxyBody::Local(full) => full.size_hint(),
+        }
+    }
+}
+
+// === impl Held ===
+
+impl Held {
+    /// The response ended cleanly: its HTTP/1.1 connection goes back to the pool.
+    fn finish(self) {
+        if let Some(lease) = self.lease {
+            lease.release(&self.in_flight.state().pool);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! reason (sent as `x-outrider-error`, so an app can tell *why* without reading our logs).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,54 +10,59 @@ use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 
-pub const ERROR_HEADER: &str = "x-outrider-error";
+pub(crate) const ERROR_HEADER: &str = "x-outrider-error";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("service {0} has no endpoints")]
-    NoEndpoints(String),
-    #[error("connect to {0} failed: {1}")]
+    NoEndpoints(Arc<str>),
+    #[error("{1}")]
     Connect(SocketAddr, String),
     #[error("no response from {0} within {t}", t = humantime::format_duration(*.1))]
     Timeout(SocketAddr, Duration),
     #[error("upstream {0} failed before responding: {1}")]
     Upstream(SocketAddr, String),
-    #[error("upstream {0} refused the stream (not processed): {1}")]
+    #[error("upstream {0} refused the stream (it did not process it): {1}")]
     Refused(SocketAddr, String),
+    /// The app's request body was broken (`aborted`: the app went away mid-body).
+    #[error("the request body from the app failed: {detail}")]
+    ClientBody { aborted: bool, detail: String },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("rate limit of service {0} exceeded")]
-    RateLimited(String, Duration),
+    RateLimited(Arc<str>, Duration),
     #[error("circuit breaker of service {0} is open: failing fast")]
-    CircuitOpen(String),
+    CircuitOpen(Arc<str>),
     #[error("service {0} has {1} requests in flight, its limit")]
-    Overloaded(String, u32),
+    Overloaded(Arc<str>, u32),
 }
 
 // === impl ProxyError ===
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(..) | ProxyError::Upstream(..) | ProxyError::Refused(..) => {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody { .. } | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::CircuitOpen(_) | ProxyError::Overloaded(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// The `x-outrider-error` value.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::NoEndpoints(_) => "no_endpoints",
             ProxyError::Connect(..) => "connect_failed",
             ProxyError::Timeout(..) => "upstream_timeout",
             ProxyError::Upstream(..) => "upstream_reset",
             ProxyError::Refused(..) => "refused_stream",
+            ProxyError::ClientBody { aborted: true, .. } => "client_aborted",
+            ProxyError::ClientBody { aborted: false, .. } => "bad_request_body",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::RateLimited(..) => "rate_limited",
             ProxyError::CircuitOpen(_) => "circuit_open",
@@ -64,7 +70,7 @@ impl ProxyError {
         }
     }
 
-    pub fn endpoint(&self) -> Option<SocketAddr> {
+    pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
         match self {
             ProxyError::Connect(a, _)
             | ProxyError::Timeout(a, _)
@@ -74,7 +80,13 @@ impl ProxyError {
         }
     }
 
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The client's doing, not the upstream's: never counted against an endpoint or the
+    /// service, never retried.
+    pub(crate) fn is_client_fault(&self) -> bool {
+        matches!(self, ProxyError::ClientBody { .. } | ProxyError::BadRequest(_))
+    }
+
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let body = Bytes::from(format!("outrider: {self}\n"));
         let mut resp = Response::new(ProxyBody::local(body));
         *resp.status_mut() = self.status();

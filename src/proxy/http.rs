@@ -1,48 +1,45 @@
-//! L7 forwarding: one request in, one endpoint picked, one request out, the response
-//! streamed back. Plain `async fn`s a reader can step through.
+//! L7 forwarding: one request in, an endpoint per attempt, the response streamed back.
+//! Plain `async fn`s a reader can step through: `handle` (telemetry around) → `forward`
+//! (admission, then the attempt loop) → `send` (one attempt) → `finish`.
 //!
-//! Owns: header hygiene (RFC 9110 hop-by-hop), URI rewriting, upgrades (WebSocket), and
-//! mapping upstream failures to [`ProxyError`]. Must not: buffer bodies, retry a request
-//! whose bytes may have reached an upstream, or panic on any input.
+//! Owns: header hygiene (RFC 9110 hop-by-hop), the request line per upstream protocol,
+//! upgrades (WebSocket), and mapping upstream failures to [`ProxyError`]. Must not: buffer
+//! bodies beyond the replay cap, retry a request that may have reached an upstream unless it
+//! is safe to repeat, or panic on any input.
 
 use std::net::SocketAddr;
-use std::time::Duration;
-
-use tokio::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use super::Upstream;
-use super::body::ProxyBody;
+use super::attempt::{Attempts, Verdict};
+use super::body::{Held, Outbound, ProxyBody, RequestBody, UpstreamBody};
 use super::error::ProxyError;
 use super::observe::{Exchange, endpoint_attributes, record_attempt, span_attributes, trace_attempt};
-use super::replay::{Replay, UpstreamBody};
 use super::retry::{self, Outcome};
+use crate::client::{Lease, SendError, error_chain};
 use crate::config::UpstreamProtocol;
-use crate::telemetry::access;
-use crate::telemetry::metrics;
-use crate::telemetry::trace;
+use crate::telemetry::{access, metrics, trace};
 use crate::upstream::InFlight;
-use crate::upstream::breaker::Refused;
-use crate::upstream::budget::backoff;
+use crate::upstream::breaker::{Admission, Refused};
 
 /// Reports how many attempts a request took (retries are visible to the app).
-pub const ATTEMPTS_HEADER: &str = "x-outrider-attempts";
+pub(crate) const ATTEMPTS_HEADER: &str = "x-outrider-attempts";
 
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
-pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone(); // shares the bytes: no allocation
     let trace = up.telemetry.tracing.as_ref().and_then(|t| {
         Some((t, t.start(req.headers(), trace::span_name(&method), || span_attributes(up, &req))?))
     });
-    let mut ex = Exchange { attempts: 0, endpoint: None, trace, method: metrics::method_class(&method) };
+    let mut ex = Exchange::new(trace, &method);
     let mut reason = None;
     let mut resp = match forward(up, req, &mut ex).await {
         Ok(resp) => resp,
@@ -65,7 +62,7 @@ pub async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody
     if let Some((_, cx)) = &ex.trace {
         // Our reason when Outrider answered; the status class for an upstream 5xx.
         let error = reason.or_else(|| status.is_server_error().then_some("5xx"));
-        trace::finish(cx, Some(status.as_u16()), error, || endpoint_attributes(up, &ex));
+        trace::finish(cx, Some(status.as_u16()), error, || endpoint_attributes(&ex));
     }
     if let Some(log) = &up.telemetry.access {
         let trace_id = ex.trace.as_ref().and_then(|(_, cx)| trace::trace_id(cx));
@@ -92,187 +89,219 @@ async fn forward(
     req: Request<Incoming>,
     ex: &mut Exchange<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if let Some(limiter) = &up.limiter {
-        limiter.check(req.headers()).map_err(|wait| {
-            metrics::inc(&up.metrics.rate_limited);
-            ProxyError::RateLimited(up.name.to_string(), wait)
-        })?;
-    }
-    let mut admission = up.breaker.admit().map_err(|r| match r {
-        Refused::Open => ProxyError::CircuitOpen(up.name.to_string()),
-        Refused::Overloaded => ProxyError::Overloaded(up.name.to_string(), up.breaker.config().max_in_flight),
-    })?;
+    let admission = admit(up, req.headers())?;
     if wants_upgrade(&req) {
-        ex.attempts = 1;
-        return forward_upgrade(up, req, ex).await;
+        return upgrade(up, req, admission, ex).await;
     }
     let policy = &up.config.resilience.retries;
     let safe = retry::safe_to_repeat(req.method(), req.headers(), policy);
-    let (mut parts, body) = req.into_parts();
-    prepare(&mut parts);
-    let empty = body.is_end_stream();
-    let (replay, mut direct) = match policy.max_attempts {
-        _ if empty => (None, None),
-        1 => (None, Some(body)),
-        _ => (Some(Replay::new(body, policy.buffer_bytes)), None),
-    };
-    up.budget.record_request();
-    let deadline = Instant::now() + up.config.timeouts.request;
-    let mut tried = Vec::new();
+    let (mut head, body) = req.into_parts();
+    prepare(&mut head);
+    let mut body = RequestBody::new(body, policy.max_attempts, policy.buffer_bytes);
+    let mut attempts = Attempts::new(up, policy.max_attempts);
     loop {
-        ex.attempts += 1;
-        let in_flight =
-            up.balancer.pick_avoiding(&tried).ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
-        let addr = in_flight.addr();
-        ex.endpoint = Some(addr);
-        let body = match (&replay, empty) {
-            (_, true) => UpstreamBody::Empty,
-            (Some(r), false) => r.attempt(),
-            (None, false) => UpstreamBody::Direct(
-                direct.take().ok_or_else(|| ProxyError::BadRequest("body already sent".into()))?,
-            ),
-        };
-        let mut out = outbound(&parts, body, &in_flight, up.config.protocol)?;
-        let attempt_span = trace_attempt(ex, &mut out);
+        let endpoint = attempts.pick()?;
+        ex.attempt(&endpoint, attempts.count());
+        // `verdict` allows a retry only with a body to send, so this is always `Some`.
+        let outbound =
+            body.next().ok_or_else(|| ProxyError::BadRequest("request body already sent".into()))?;
+        // A later attempt needs the head again, unless this one hands it back unsent.
+        let mut req = request(&mut head, outbound, &endpoint, up.config.protocol, attempts.more_after())?;
+        let span = trace_attempt(ex, &mut req);
         let sent = Instant::now();
-        let outcome = attempt(up, out, addr, deadline).await;
-        record_attempt(up, ex, &in_flight, &outcome, sent.elapsed(), attempt_span);
+        let (outcome, lease) = send(up, &attempts, &endpoint, req, &mut head, &mut body).await;
+        record_attempt(up, ex, &endpoint, &outcome, sent.elapsed(), span);
         let failed = outcome.is_failure(&up.config.resilience.outlier);
-        up.balancer.report(in_flight.state(), failed);
-        if let Some(delay) = next_retry(up, &outcome, ex.attempts, safe, replay.as_ref(), deadline) {
-            tracing::debug!(service = %up.name, endpoint = %addr, attempt = ex.attempts, ?delay, "retrying");
-            metrics::inc(&up.metrics.retries);
-            tried.push(addr);
-            drop(outcome);
+        if !client_fault(&outcome) {
+            attempts.report(&endpoint, failed);
+        }
+        let retry_after = retry::retry_after(&outcome);
+        if let Verdict::Retry(delay) =
+            attempts.verdict(outcome.retry(policy), safe, body.replayable(), retry_after)
+        {
+            tracing::debug!(service = %up.name, endpoint = %endpoint.addr(), attempt = attempts.count(), ?delay, "retrying");
+            drop((outcome, lease, endpoint));
             tokio::time::sleep(delay).await;
             continue;
         }
-        admission.record(!failed);
-        return match outcome {
-            Outcome::Failed(e) => Err(e),
-            Outcome::Response(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut(), false);
-                Ok(resp.map(|body| ProxyBody::upstream(body, in_flight, admission)))
-            }
-        };
+        return finish(outcome, lease, endpoint, admission, failed);
     }
 }
 
-async fn attempt(
+/// The rate limit, then the breaker and the concurrency limit: refused requests fail fast.
+fn admit(up: &Upstream, headers: &HeaderMap) -> Result<Admission, ProxyError> {
+    if let Some(limiter) = &up.limiter {
+        limiter.check_headers(headers).map_err(|wait| {
+            metrics::inc(&up.metrics.rate_limited);
+            ProxyError::RateLimited(up.name.clone(), wait)
+        })?;
+    }
+    up.breaker.admit().map_err(|r| match r {
+        Refused::Open => ProxyError::CircuitOpen(up.name.clone()),
+        Refused::Overloaded => ProxyError::Overloaded(up.name.clone(), up.breaker.config().max_in_flight),
+    })
+}
+
+/// One attempt: the request on a pooled or new connection to `endpoint`, bounded by the
+/// per-try timeout. A request that never left hands its head and body back for the next.
+async fn send(
     up: &Upstream,
+    attempts: &Attempts<'_>,
+    endpoint: &InFlight,
     req: Request<UpstreamBody>,
-    addr: SocketAddr,
-    deadline: Instant,
-) -> Outcome<Incoming> {
-    let per_try =
-        up.config.resilience.retries.per_try_timeout.min(deadline.saturating_duration_since(Instant::now()));
-    match tokio::time::timeout(per_try, up.client.request(req)).await {
-        Err(_) => Outcome::Failed(ProxyError::Timeout(addr, per_try)),
-        Ok(Err(e)) => Outcome::Failed(classify(addr, &e)),
-        Ok(Ok(resp)) => Outcome::Response(resp),
+    head: &mut http::request::Parts,
+    body: &mut RequestBody<Incoming>,
+) -> (Outcome<Incoming>, Option<Lease>) {
+    let (addr, per_try) = (endpoint.addr(), attempts.per_try_timeout());
+    let sent = up.client.send(&endpoint.state().pool, addr, req);
+    match tokio::time::timeout(per_try, sent).await {
+        Err(_) => (Outcome::Failed(ProxyError::Timeout(addr, per_try)), None),
+        Ok(Ok((resp, lease))) => (Outcome::Response(resp), Some(lease)),
+        Ok(Err(SendError::Connect(e, req))) => {
+            let (unsent_head, unsent_body) = req.into_parts();
+            head.headers = unsent_head.headers;
+            body.restore(unsent_body);
+            (Outcome::Failed(ProxyError::Connect(addr, e.to_string())), None)
+        }
+        Ok(Err(SendError::Http(e))) => (Outcome::Failed(classify(addr, &e, body)), None),
     }
 }
 
-/// The delay before the next attempt, or `None` when this outcome is final.
-fn next_retry(
-    up: &Upstream,
-    outcome: &Outcome<Incoming>,
-    attempts: u32,
-    safe: bool,
-    replay: Option<&Replay>,
-    deadline: Instant,
-) -> Option<Duration> {
-    let policy = &up.config.resilience.retries;
-    if attempts >= policy.max_attempts {
-        return None;
+/// The final outcome becomes the answer; the breaker hears of it unless it was the client's
+/// doing. A response keeps its endpoint, admission and connection until its last frame.
+fn finish(
+    outcome: Outcome<Incoming>,
+    lease: Option<Lease>,
+    endpoint: InFlight,
+    mut admission: Admission,
+    failed: bool,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match outcome {
+        Outcome::Failed(e) => {
+            if !e.is_client_fault() {
+                admission.record(false);
+            }
+            Err(e)
+        }
+        Outcome::Response(mut resp) => {
+            admission.record(!failed);
+            strip_hop_by_hop(resp.headers_mut());
+            let held = Held { in_flight: endpoint, _admission: Some(admission), lease };
+            Ok(resp.map(|b| ProxyBody::upstream(b, held)))
+        }
     }
-    let never_sent = outcome.retryable(policy)?;
-    // No replay buffer: an empty body (always replayable) or a single-attempt policy.
-    if !(never_sent || safe) || !replay.is_none_or(Replay::replayable) {
-        return None;
-    }
-    let delay = backoff(attempts, policy.backoff_base, policy.backoff_max);
-    let delay = delay.max(retry::retry_after(outcome).unwrap_or_default());
-    if Instant::now() + delay >= deadline {
-        return None;
-    }
-    if !up.budget.try_retry() {
-        metrics::inc(&up.metrics.budget_exhausted);
-        tracing::warn!(service = %up.name, "retry budget exhausted: not retrying");
-        return None;
-    }
-    Some(delay)
 }
 
-/// A single attempt for an upgrade (WebSocket): the connection is spliced, never retried.
-async fn forward_upgrade(
+fn client_fault<B>(outcome: &Outcome<B>) -> bool {
+    matches!(outcome, Outcome::Failed(e) if e.is_client_fault())
+}
+
+/// A single attempt for an upgrade (WebSocket): on 101 the two connections are spliced on
+/// the shutdown-tracked task set; never retried.
+async fn upgrade(
     up: &Upstream,
     mut req: Request<Incoming>,
+    mut admission: Admission,
     ex: &mut Exchange<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let in_flight = up.balancer.pick().ok_or_else(|| ProxyError::NoEndpoints(up.name.to_string()))?;
-    let addr = in_flight.addr();
-    ex.endpoint = Some(addr);
+    let mut attempts = Attempts::new(up, 1);
+    let endpoint = attempts.pick()?;
+    ex.attempt(&endpoint, 1);
     let downstream = hyper::upgrade::on(&mut req);
-    let (mut parts, body) = req.into_parts();
-    let upgrade = parts.headers.get(header::UPGRADE).cloned();
-    prepare(&mut parts);
-    let mut out = outbound(&parts, UpstreamBody::Direct(body), &in_flight, up.config.protocol)?;
-    if let Some((tracer, cx)) = &ex.trace {
-        tracer.inject(cx, out.headers_mut());
+    let (mut head, body) = req.into_parts();
+    let protocol = head.headers.get(header::UPGRADE).cloned();
+    prepare(&mut head);
+    let mut body = RequestBody::new(body, 1, 0);
+    let outbound = body.next().unwrap_or(Outbound::Empty);
+    let mut req = request(&mut head, outbound, &endpoint, UpstreamProtocol::Http1, false)?;
+    if let Some(protocol) = protocol {
+        req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, protocol);
     }
-    if let Some(upgrade) = upgrade {
-        out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        out.headers_mut().insert(header::UPGRADE, upgrade);
+    let span = trace_attempt(ex, &mut req);
+    let sent = Instant::now();
+    let (outcome, lease) = send(up, &attempts, &endpoint, req, &mut head, &mut body).await;
+    record_attempt(up, ex, &endpoint, &outcome, sent.elapsed(), span);
+    let failed = outcome.is_failure(&up.config.resilience.outlier);
+    if !client_fault(&outcome) {
+        attempts.report(&endpoint, failed);
     }
-    let timeout = up.config.timeouts.request;
-    let mut resp = match tokio::time::timeout(timeout, up.client.request(out)).await {
-        Err(_) => return Err(ProxyError::Timeout(addr, timeout)),
-        Ok(Err(e)) => return Err(classify(addr, &e)),
-        Ok(Ok(resp)) => resp,
-    };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(downstream, upstream, in_flight));
-        let (parts, _) = resp.into_parts();
-        return Ok(Response::from_parts(parts, ProxyBody::empty()));
+    match outcome {
+        Outcome::Response(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            admission.record(true);
+            let upstream = hyper::upgrade::on(&mut resp);
+            up.tasks.spawn(tunnel(downstream, upstream, endpoint));
+            let (parts, _) = resp.into_parts();
+            Ok(Response::from_parts(parts, ProxyBody::empty()))
+        }
+        outcome => finish(outcome, lease, endpoint, admission, failed),
     }
-    strip_hop_by_hop(resp.headers_mut(), false);
-    Ok(resp.map(|body| ProxyBody::upstream(body, in_flight, None)))
 }
 
 /// Header hygiene done once per request, before any attempt.
-fn prepare(parts: &mut http::request::Parts) {
+fn prepare(head: &mut http::request::Parts) {
     // HTTP/2 requests carry the host in the URI only; an HTTP/1.1 upstream needs a Host header.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    if !head.headers.contains_key(header::HOST)
+        && let Some(host) = head.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
-        parts.headers.insert(header::HOST, host);
+        head.headers.insert(header::HOST, host);
     }
-    strip_hop_by_hop(&mut parts.headers, false);
+    strip_hop_by_hop(&mut head.headers);
 }
 
-/// The request for one attempt at the chosen endpoint.
-fn outbound(
-    parts: &http::request::Parts,
+/// The request for one attempt at `endpoint`: origin-form for HTTP/1.1, scheme and authority
+/// for HTTP/2 (its pseudo-headers). The headers are copied when `keep` (another attempt may
+/// need them), otherwise moved.
+fn request(
+    head: &mut http::request::Parts,
     body: UpstreamBody,
     endpoint: &InFlight,
     protocol: UpstreamProtocol,
+    keep: bool,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(endpoint.authority().clone());
-    uri.path_and_query = Some(path);
+    let path = head.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut req = Request::new(body);
-    *req.uri_mut() = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.uri_mut() = match protocol {
+        UpstreamProtocol::Http1 => Uri::from(path),
+        UpstreamProtocol::Http2 => {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(endpoint.authority().clone());
+            uri.path_and_query = Some(path);
+            Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?
+        }
+    };
+    *req.method_mut() = head.method.clone();
+    *req.headers_mut() = if keep { head.headers.clone() } else { std::mem::take(&mut head.headers) };
     *req.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
     Ok(req)
+}
+
+/// Why an attempt failed after its connection was up: the app's own body broke (its fault),
+/// the upstream refused the stream without processing it (HTTP/2 REFUSED_STREAM, or a GOAWAY
+/// whose last stream id is below ours), or the connection failed with the request on it.
+fn classify(addr: SocketAddr, e: &hyper::Error, body: &RequestBody<Incoming>) -> ProxyError {
+    let detail = error_chain(e);
+    if let Some(aborted) = body.fault() {
+        return ProxyError::ClientBody { aborted, detail };
+    }
+    if refused(e) { ProxyError::Refused(addr, detail) } else { ProxyError::Upstream(addr, detail) }
+}
+
+/// REFUSED_STREAM, or our stream above a GOAWAY's last stream id: provably not processed
+/// (RFC 9113 §8.7), so safe to send again whatever the method.
+fn refused(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote());
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
@@ -282,19 +311,17 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    headers.get_all(header::CONNECTION).iter().any(|v| connection_value_has(v, token))
+}
+
+fn connection_value_has(v: &HeaderValue, token: &str) -> bool {
+    v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Removes the headers that describe one connection rather than the message (RFC 9110
 /// §7.6.1): those named in `Connection`, and the fixed set below. `TE: trailers` is kept
-/// (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let upgrade = keep_upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
+/// (gRPC needs it). An upgrade puts its own `Connection: upgrade` and `Upgrade` back.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -313,35 +340,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
-    let te_trailers = headers.get(header::TE).is_some_and(|v| connection_value_has(v, "trailers"));
-    headers.remove(header::TE);
-    if te_trailers {
+    if let Some(te) = headers.remove(header::TE)
+        && connection_value_has(&te, "trailers")
+    {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if let Some(upgrade) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, upgrade);
-    }
-}
-
-fn connection_value_has(v: &HeaderValue, token: &str) -> bool {
-    v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-}
-
-fn classify(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Error) -> ProxyError {
-    let detail = error_chain(e);
-    if e.is_connect() { ProxyError::Connect(addr, detail) } else { ProxyError::Upstream(addr, detail) }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Splices an upgraded connection (e.g. WebSocket) to the upstream's, byte for byte.
@@ -377,20 +380,10 @@ mod tests {
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, vec!["te", "x-keep"]);
         assert_eq!(h[header::TE], "trailers");
-    }
-
-    #[test]
-    fn keeps_upgrade_when_asked() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h[header::CONNECTION], "upgrade");
-        assert_eq!(h[header::UPGRADE], "websocket");
     }
 }

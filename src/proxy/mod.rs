@@ -4,14 +4,14 @@
 //! port), the pooled upstream HTTP client, and the TCP splice. Must not: await discovery or
 //! config — a request reads one [`Upstream`] (one config generation) and keeps it to the end.
 
-pub mod body;
-pub mod error;
-pub mod http;
+mod attempt;
+pub(crate) mod body;
+mod error;
+mod http;
 mod observe;
-pub mod ratelimit;
-pub mod replay;
-pub mod retry;
-pub mod tcp;
+mod ratelimit;
+mod retry;
+mod tcp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,15 +19,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig, UpstreamProtocol};
+use crate::client::Client;
+use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig};
 use crate::discovery::etcd::WatchStatus;
 use crate::server::Acceptor;
 use crate::telemetry::Telemetry;
@@ -37,8 +36,6 @@ use crate::upstream::breaker::Breaker;
 use crate::upstream::budget::Budget;
 use ratelimit::Limiter;
 
-pub type HttpClient = Client<HttpConnector, replay::UpstreamBody>;
-
 /// A service as one config generation sees it: settings, live endpoints, connection pool,
 /// and the guards (breaker, retry budget, rate limit) that outlive a reload when unchanged.
 #[derive(Debug)]
@@ -46,12 +43,14 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub config: ServiceConfig,
     pub balancer: Arc<Balancer>,
-    pub client: HttpClient,
+    pub(crate) client: Arc<Client>,
     pub breaker: Arc<Breaker>,
     pub budget: Arc<Budget>,
-    pub limiter: Option<Arc<Limiter>>,
+    pub(crate) limiter: Option<Arc<Limiter>>,
     pub metrics: Arc<ServiceMetrics>,
-    pub telemetry: Arc<Telemetry>,
+    pub(crate) telemetry: Arc<Telemetry>,
+    /// Where long-lived work a request starts (upgraded tunnels) runs: shutdown waits on it.
+    pub(crate) tasks: TaskTracker,
     /// Context for spans: the config generation and the etcd watch (if any).
     pub generation: u64,
     pub watch: Option<Arc<WatchStatus>>,
@@ -59,12 +58,13 @@ pub struct Upstream {
 
 /// What `Upstream::new` needs besides the service's own settings.
 #[derive(Debug)]
-pub struct Shared<'a> {
-    pub balancer: Arc<Balancer>,
-    pub metrics: Arc<ServiceMetrics>,
-    pub telemetry: &'a Arc<Telemetry>,
-    pub generation: u64,
-    pub watch: Option<Arc<WatchStatus>>,
+pub(crate) struct Shared<'a> {
+    pub(crate) balancer: Arc<Balancer>,
+    pub(crate) metrics: Arc<ServiceMetrics>,
+    pub(crate) telemetry: &'a Arc<Telemetry>,
+    pub(crate) tasks: &'a TaskTracker,
+    pub(crate) generation: u64,
+    pub(crate) watch: Option<Arc<WatchStatus>>,
 }
 
 /// A bound listener's accept loop; its route is swapped on reload without rebinding.
@@ -81,7 +81,7 @@ pub struct Listener {
 impl Upstream {
     /// Builds the generation's view of a service, reusing `previous`'s connection pool when
     /// the settings it depends on are unchanged (so reload does not drop connections).
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         config: ServiceConfig,
         shared: Shared<'_>,
@@ -89,8 +89,8 @@ impl Upstream {
     ) -> Upstream {
         let r = &config.resilience;
         let client = match previous {
-            Some(p) if same_client(&p.config, &config) => p.client.clone(),
-            _ => client(&config),
+            Some(p) if p.client.serves(&config) => p.client.clone(),
+            _ => Arc::new(Client::new(&config)),
         };
         let breaker = match previous {
             Some(p) if *p.breaker.config() == r.breaker => p.breaker.clone(),
@@ -114,28 +114,11 @@ impl Upstream {
             limiter,
             metrics: shared.metrics,
             telemetry: shared.telemetry.clone(),
+            tasks: shared.tasks.clone(),
             generation: shared.generation,
             watch: shared.watch,
         }
     }
-}
-
-fn same_client(a: &ServiceConfig, b: &ServiceConfig) -> bool {
-    a.protocol == b.protocol && a.timeouts.connect == b.timeouts.connect && a.timeouts.idle == b.timeouts.idle
-}
-
-fn client(config: &ServiceConfig) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.timeouts.connect));
-    connector.enforce_http(true);
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(config.timeouts.idle)
-        .http2_only(config.protocol == UpstreamProtocol::Http2);
-    builder.build(connector)
 }
 
 // === impl Listener ===
@@ -143,7 +126,7 @@ fn client(config: &ServiceConfig) -> HttpClient {
 impl Listener {
     /// Starts accepting on an already bound socket. Connections run on `tracker`; cancelling
     /// `parent` (or [`Listener::stop`]) stops accepting and drains them gracefully.
-    pub fn spawn(
+    pub(crate) fn spawn(
         socket: TcpListener,
         config: ListenerConfig,
         route: Arc<Upstream>,
@@ -159,7 +142,7 @@ impl Listener {
     }
 
     /// Stops accepting; open connections finish their in-flight requests, then close.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
 }

@@ -10,8 +10,8 @@ use hyper::body::Incoming;
 use opentelemetry::{Context, KeyValue};
 
 use super::Upstream;
+use super::body::UpstreamBody;
 use super::error::ProxyError;
-use super::replay::UpstreamBody;
 use super::retry::Outcome;
 use crate::telemetry::metrics;
 use crate::telemetry::trace::{self, Tracing};
@@ -21,8 +21,31 @@ use crate::upstream::InFlight;
 pub(super) struct Exchange<'a> {
     pub(super) attempts: u32,
     pub(super) endpoint: Option<SocketAddr>,
+    /// The last endpoint's state when it was picked (span attribute).
+    endpoint_state: &'static str,
     pub(super) trace: Option<(&'a Tracing, Context)>,
     pub(super) method: usize,
+}
+
+impl<'a> Exchange<'a> {
+    pub(super) fn new(trace: Option<(&'a Tracing, Context)>, method: &http::Method) -> Self {
+        Exchange {
+            attempts: 0,
+            endpoint: None,
+            endpoint_state: "",
+            trace,
+            method: metrics::method_class(method),
+        }
+    }
+
+    /// An attempt was started on `endpoint`.
+    pub(super) fn attempt(&mut self, endpoint: &InFlight, count: u32) {
+        self.attempts = count;
+        self.endpoint = Some(endpoint.addr());
+        if self.trace.is_some() {
+            self.endpoint_state = endpoint.state().state_name();
+        }
+    }
 }
 
 pub(super) fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<KeyValue> {
@@ -43,16 +66,14 @@ pub(super) fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<Key
     attrs
 }
 
-pub(super) fn endpoint_attributes(up: &Upstream, ex: &Exchange<'_>) -> Vec<KeyValue> {
+pub(super) fn endpoint_attributes(ex: &Exchange<'_>) -> Vec<KeyValue> {
     let mut attrs = vec![KeyValue::new("outrider.attempts", i64::from(ex.attempts))];
     if let Some(addr) = ex.endpoint {
         attrs.push(KeyValue::new("server.address", addr.ip().to_string()));
         attrs.push(KeyValue::new("server.port", i64::from(addr.port())));
         attrs.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
         attrs.push(KeyValue::new("outrider.endpoint", addr.to_string()));
-        let state =
-            up.balancer.describe().into_iter().find(|e| e.addr == addr).map_or("removed", |e| e.state);
-        attrs.push(KeyValue::new("outrider.endpoint_state", state));
+        attrs.push(KeyValue::new("outrider.endpoint_state", ex.endpoint_state));
     }
     attrs
 }

@@ -4,54 +4,80 @@
 //! Owns: the limiters. Must not: grow without bound — past `max_keys`, idle keys are purged,
 //! and if that is not enough new keys share a single overflow quota.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
+use crate::clock::now_ms;
 use crate::config::RateLimit;
 
 #[derive(Debug)]
-pub struct Limiter {
-    pub config: RateLimit,
+pub(crate) struct Limiter {
+    pub(crate) config: RateLimit,
     direct: DefaultDirectRateLimiter,
-    keyed: Option<DefaultKeyedRateLimiter<String>>,
+    /// Keyed by the header's value as received: no allocation per request.
+    keyed: Option<DefaultKeyedRateLimiter<HeaderValue>>,
+    /// When idle keys were last purged; at most once a second, not on every request.
+    purged_ms: AtomicU64,
 }
+
+/// How often a full key table may be purged of idle keys.
+const PURGE_EVERY_MS: u64 = 1000;
 
 // === impl Limiter ===
 
 impl Limiter {
-    pub fn new(config: &RateLimit) -> Self {
+    pub(crate) fn new(config: &RateLimit) -> Self {
         let quota = Quota::per_second(config.per_second).allow_burst(config.burst);
         Limiter {
             config: config.clone(),
             direct: RateLimiter::direct(quota),
             keyed: config.key_header.as_ref().map(|_| RateLimiter::keyed(quota)),
+            purged_ms: AtomicU64::new(0),
         }
     }
 
-    /// `Err(wait)` when over the quota: how long until a request would be allowed.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), Duration> {
+    /// Checks a request: by its key header's value when the limit is keyed.
+    pub(crate) fn check_headers(&self, headers: &HeaderMap) -> Result<(), Duration> {
+        let key = self.config.key_header.as_ref().and_then(|h| headers.get(h));
+        self.check(key)
+    }
+
+    /// `Err(wait)` when over the quota: how long until a request would be allowed. Without
+    /// a key (no such header, or a TCP connection) the empty key's quota applies.
+    pub(crate) fn check(&self, key: Option<&HeaderValue>) -> Result<(), Duration> {
         let clock = DefaultClock::default();
-        let (Some(keyed), Some(header)) = (&self.keyed, &self.config.key_header) else {
+        let Some(keyed) = &self.keyed else {
             return self.direct.check().map_err(|n| n.wait_time_from(clock.now()));
         };
         if keyed.len() >= self.config.max_keys {
+            self.purge(keyed);
+            if keyed.len() >= self.config.max_keys {
+                // Still full of active keys: new and old alike share the overflow quota.
+                return self.direct.check().map_err(|n| n.wait_time_from(clock.now()));
+            }
+        }
+        let empty = HeaderValue::from_static("");
+        keyed.check_key(key.unwrap_or(&empty)).map_err(|n| n.wait_time_from(clock.now()))
+    }
+
+    fn purge(&self, keyed: &DefaultKeyedRateLimiter<HeaderValue>) {
+        let now = now_ms();
+        let last = self.purged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= PURGE_EVERY_MS
+            && self.purged_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
             keyed.retain_recent();
             keyed.shrink_to_fit();
         }
-        if keyed.len() >= self.config.max_keys {
-            // Still full of active keys: new and old alike share the overflow quota.
-            return self.direct.check().map_err(|n| n.wait_time_from(clock.now()));
-        }
-        let key = headers.get(header).and_then(|v| v.to_str().ok()).unwrap_or("");
-        keyed.check_key(&key.to_string()).map_err(|n| n.wait_time_from(clock.now()))
     }
 }
 
 /// Seconds for `Retry-After`: at least 1, rounded up.
-pub fn retry_after_secs(wait: Duration) -> u64 {
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
@@ -74,8 +100,8 @@ mod tests {
     fn burst_then_refused_with_a_wait() {
         let l = Limiter::new(&limit(1, 3, None));
         let h = HeaderMap::new();
-        assert!((0..3).all(|_| l.check(&h).is_ok()));
-        let wait = l.check(&h).unwrap_err();
+        assert!((0..3).all(|_| l.check_headers(&h).is_ok()));
+        let wait = l.check_headers(&h).unwrap_err();
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
         assert_eq!(retry_after_secs(wait), 1);
     }
@@ -88,11 +114,11 @@ mod tests {
             h.insert("x-tenant", t.parse().unwrap());
             h
         };
-        assert!(l.check(&tenant("a")).is_ok());
-        assert!(l.check(&tenant("a")).is_err());
-        assert!(l.check(&tenant("b")).is_ok(), "b has its own quota");
+        assert!(l.check_headers(&tenant("a")).is_ok());
+        assert!(l.check_headers(&tenant("a")).is_err());
+        assert!(l.check_headers(&tenant("b")).is_ok(), "b has its own quota");
         for i in 0..100 {
-            let _ = l.check(&tenant(&format!("t{i}")));
+            let _ = l.check_headers(&tenant(&format!("t{i}")));
         }
         assert!(l.keyed.as_ref().unwrap().len() <= 2, "key storage stays bounded");
     }

@@ -16,18 +16,31 @@ use crate::config::{Outlier, Retries, RetryOn};
 
 /// What one attempt came to.
 #[derive(Debug)]
-pub enum Outcome<B> {
+pub(crate) enum Outcome<B> {
     Response(Response<B>),
     Failed(ProxyError),
+}
+
+/// Whether an outcome is a listed retry condition, and whether the request reached the
+/// upstream: that decides which requests may go again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Not a listed condition (success, a status not listed, a client fault).
+    No,
+    /// Listed, and the request provably never reached the upstream: any request may go again.
+    Unsent,
+    /// Listed, but the upstream may have processed it: only requests safe to repeat go again.
+    MaybeSent,
 }
 
 // === impl Outcome ===
 
 impl<B> Outcome<B> {
     /// Whether this counts against the endpoint (outlier ejection) and the service (breaker).
-    pub fn is_failure(&self, outlier: &Outlier) -> bool {
+    /// A fault of the client's request is neither.
+    pub(crate) fn is_failure(&self, outlier: &Outlier) -> bool {
         match self {
-            Outcome::Failed(_) => true,
+            Outcome::Failed(e) => !e.is_client_fault(),
             Outcome::Response(r) => {
                 let s = r.status();
                 (outlier.count_5xx && s.is_server_error())
@@ -41,19 +54,23 @@ impl<B> Outcome<B> {
         }
     }
 
-    /// The retry condition this outcome meets, if any: `Some(never_sent)`.
-    pub fn retryable(&self, policy: &Retries) -> Option<bool> {
-        let (condition, never_sent) = match self {
+    /// The retry condition this outcome meets under `policy`.
+    pub(crate) fn retry(&self, policy: &Retries) -> Retry {
+        let (condition, unsent) = match self {
             Outcome::Failed(ProxyError::Connect(..)) => (RetryOn::ConnectFailure, true),
             Outcome::Failed(ProxyError::Refused(..)) => (RetryOn::RefusedStream, true),
             Outcome::Failed(ProxyError::Upstream(..)) => (RetryOn::Reset, false),
             Outcome::Failed(ProxyError::Timeout(..)) => (RetryOn::Timeout, false),
-            Outcome::Failed(_) => return None,
-            Outcome::Response(r) if policy.retry_statuses.contains(&r.status()) => return Some(false),
+            Outcome::Failed(_) => return Retry::No,
+            Outcome::Response(r) if policy.retry_statuses.contains(&r.status()) => return Retry::MaybeSent,
             Outcome::Response(r) if grpc_unavailable(r.headers()) => (RetryOn::GrpcUnavailable, false),
-            Outcome::Response(_) => return None,
+            Outcome::Response(_) => return Retry::No,
         };
-        policy.retry_on.contains(&condition).then_some(never_sent)
+        match (policy.retry_on.contains(&condition), unsent) {
+            (false, _) => Retry::No,
+            (true, true) => Retry::Unsent,
+            (true, false) => Retry::MaybeSent,
+        }
     }
 }
 
@@ -63,7 +80,7 @@ fn grpc_unavailable(headers: &HeaderMap) -> bool {
 }
 
 /// Whether a request may be sent again after it may have reached the upstream.
-pub fn safe_to_repeat(method: &Method, headers: &HeaderMap, policy: &Retries) -> bool {
+pub(crate) fn safe_to_repeat(method: &Method, headers: &HeaderMap, policy: &Retries) -> bool {
     policy.non_idempotent
         || headers.contains_key("idempotency-key")
         || matches!(
@@ -73,7 +90,7 @@ pub fn safe_to_repeat(method: &Method, headers: &HeaderMap, policy: &Retries) ->
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not honoured).
-pub fn retry_after<B>(outcome: &Outcome<B>) -> Option<Duration> {
+pub(crate) fn retry_after<B>(outcome: &Outcome<B>) -> Option<Duration> {
     let Outcome::Response(r) = outcome else { return None };
     let secs: u64 = r.headers().get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs))
@@ -113,16 +130,32 @@ mod tests {
     fn classifies_conditions() {
         let addr = "127.0.0.1:1".parse().unwrap();
         let p = policy();
-        assert_eq!(Outcome::<()>::Failed(ProxyError::Connect(addr, String::new())).retryable(&p), Some(true));
+        let failed = |e| Outcome::<()>::Failed(e).retry(&p);
+        assert_eq!(failed(ProxyError::Connect(addr, String::new())), Retry::Unsent);
+        assert_eq!(failed(ProxyError::Refused(addr, String::new())), Retry::No, "not in this policy");
+        assert_eq!(failed(ProxyError::Upstream(addr, String::new())), Retry::MaybeSent);
+        assert_eq!(failed(ProxyError::Timeout(addr, Duration::ZERO)), Retry::No);
+        let client = ProxyError::ClientBody { aborted: false, detail: String::new() };
+        assert_eq!(failed(client), Retry::No, "a client fault is never retried");
+        assert_eq!(status(503, &[]).retry(&p), Retry::MaybeSent);
+        assert_eq!(status(500, &[]).retry(&p), Retry::No);
+        assert_eq!(status(200, &[("grpc-status", "14")]).retry(&p), Retry::MaybeSent);
+        assert_eq!(status(200, &[("grpc-status", "0")]).retry(&p), Retry::No);
+        let refused = Retries { retry_on: vec![RetryOn::RefusedStream], ..p.clone() };
         assert_eq!(
-            Outcome::<()>::Failed(ProxyError::Upstream(addr, String::new())).retryable(&p),
-            Some(false)
+            Outcome::<()>::Failed(ProxyError::Refused(addr, String::new())).retry(&refused),
+            Retry::Unsent
         );
-        assert_eq!(Outcome::<()>::Failed(ProxyError::Timeout(addr, Duration::ZERO)).retryable(&p), None);
-        assert_eq!(status(503, &[]).retryable(&p), Some(false));
-        assert_eq!(status(500, &[]).retryable(&p), None);
-        assert_eq!(status(200, &[("grpc-status", "14")]).retryable(&p), Some(false));
-        assert_eq!(status(200, &[("grpc-status", "0")]).retryable(&p), None);
+    }
+
+    #[test]
+    fn client_faults_count_against_nobody() {
+        let outlier = crate::config::Outlier::default();
+        let client = Outcome::<()>::Failed(ProxyError::ClientBody { aborted: true, detail: String::new() });
+        assert!(!client.is_failure(&outlier));
+        let reset =
+            Outcome::<()>::Failed(ProxyError::Upstream("127.0.0.1:1".parse().unwrap(), String::new()));
+        assert!(reset.is_failure(&outlier));
     }
 
     #[test]

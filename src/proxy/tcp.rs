@@ -15,20 +15,27 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Upstream;
+use super::attempt::{Attempts, Verdict};
+use super::retry::Retry;
 use crate::config::RetryOn;
 use crate::telemetry::{metrics, trace};
 use crate::upstream::InFlight;
+use crate::upstream::breaker::Refused;
 use opentelemetry::KeyValue;
 
 /// Proxies one accepted connection to the chosen endpoint until both sides close. A refused
 /// connection (rate limit, open breaker, no endpoint, connect failure) is simply closed.
-pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
+pub(crate) async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     let refuse = |reason: &str| tracing::warn!(service = %up.name, reason, "tcp connection refused");
-    if up.limiter.as_ref().is_some_and(|l| l.check(&http::HeaderMap::new()).is_err()) {
+    if up.limiter.as_ref().is_some_and(|l| l.check(None).is_err()) {
+        metrics::inc(&up.metrics.rate_limited);
         return refuse("rate_limited");
     }
-    let Ok(mut admission) = up.breaker.admit() else { return refuse("circuit_open_or_overloaded") };
-    up.budget.record_request();
+    let mut admission = match up.breaker.admit() {
+        Ok(a) => a,
+        Err(Refused::Open) => return refuse("circuit_open"),
+        Err(Refused::Overloaded) => return refuse("overloaded"),
+    };
     metrics::inc(&up.metrics.tcp_connections);
     let span = up.telemetry.tracing.as_ref().and_then(|t| {
         let attrs = || {
@@ -48,7 +55,6 @@ pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     };
     admission.record(true);
     let addr = in_flight.addr();
-    let _ = outbound.set_nodelay(true);
     let (mut sent, mut received) = (0, 0);
     match copy_until_idle(&mut inbound, &mut outbound, up.config.timeouts.tcp_idle).await {
         Ok(Some((up_bytes, down_bytes))) => {
@@ -74,38 +80,42 @@ pub async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
     }
 }
 
-/// Connects to an endpoint, moving to another one after a connect failure while the retry
-/// policy allows (nothing was sent, so this is always safe).
+/// Connects to an endpoint through the same attempt loop as HTTP: after a connect failure
+/// (nothing was sent, so always safe) another endpoint, with backoff, within the budget and
+/// the request timeout.
 async fn connect(up: &Upstream) -> Option<(TcpStream, InFlight)> {
-    let retries = &up.config.resilience.retries;
-    let mut tried = Vec::new();
-    for attempt in 1..=retries.max_attempts {
-        let Some(in_flight) = up.balancer.pick_avoiding(&tried) else {
-            tracing::warn!(service = %up.name, reason = "no_endpoints", "tcp connection refused: no endpoints");
-            return None;
-        };
-        let addr = in_flight.addr();
-        let error = match tokio::time::timeout(up.config.timeouts.connect, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                up.balancer.report(in_flight.state(), false);
-                return Some((s, in_flight));
+    let policy = &up.config.resilience.retries;
+    let mut attempts = Attempts::new(up, policy.max_attempts);
+    loop {
+        let endpoint = match attempts.pick() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(service = %up.name, reason = e.code(), "tcp connection refused: {e}");
+                return None;
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".to_string(),
         };
-        up.balancer.report(in_flight.state(), true);
+        let error = match up.client.connector().connect(endpoint.addr()).await {
+            Ok(stream) => {
+                attempts.report(&endpoint, false);
+                return Some((stream, endpoint));
+            }
+            Err(e) => e,
+        };
+        attempts.report(&endpoint, true);
+        metrics::inc(&up.metrics.connect_errors);
+        let (attempt, addr) = (attempts.count(), endpoint.addr());
         tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_failed", attempt, "tcp connect failed: {error}");
-        let may_retry = retries.retry_on.contains(&RetryOn::ConnectFailure) && up.budget.try_retry();
-        if !may_retry {
-            return None;
+        let retry =
+            if policy.retry_on.contains(&RetryOn::ConnectFailure) { Retry::Unsent } else { Retry::No };
+        match attempts.verdict(retry, true, true, None) {
+            Verdict::Retry(delay) => tokio::time::sleep(delay).await,
+            Verdict::Final => return None,
         }
-        tried.push(addr);
     }
-    None
 }
 
 /// Copies both ways with half-close; `Ok(None)` when no byte moved for `idle`.
-pub async fn copy_until_idle<A, B>(
+pub(crate) async fn copy_until_idle<A, B>(
     a: &mut A,
     b: &mut B,
     idle: Duration,

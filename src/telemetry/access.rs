@@ -1,17 +1,27 @@
 //! Access log: one JSON line per request on stdout (off by default; sampled; chosen fields).
-//! Must not: block for long — lines are small and written with one `write_all`.
+//! Must not: block the request path — lines go through a bounded queue to a writer thread
+//! (the span exporter's pattern); when stdout cannot keep up they are dropped and counted.
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use crate::config::AccessLogConfig;
 
+/// Lines waiting for the writer at most.
+const QUEUE: usize = 8192;
+
 #[derive(Debug)]
 pub struct AccessLog {
     cfg: AccessLogConfig,
+    lines: SyncSender<Vec<u8>>,
+    /// Lines dropped because the queue was full.
+    pub dropped: Arc<AtomicU64>,
 }
 
 /// What one request came to.
@@ -33,7 +43,16 @@ pub struct Entry<'a> {
 
 impl AccessLog {
     pub fn new(cfg: &AccessLogConfig) -> Option<AccessLog> {
-        cfg.enabled.then(|| AccessLog { cfg: cfg.clone() })
+        if !cfg.enabled {
+            return None;
+        }
+        let (lines, queue) = sync_channel(QUEUE);
+        let spawned = std::thread::Builder::new().name("access-log".into()).spawn(move || write(queue));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the access log writer: {e}");
+            return None;
+        }
+        Some(AccessLog { cfg: cfg.clone(), lines, dropped: Arc::default() })
     }
 
     pub fn record(&self, e: &Entry<'_>) {
@@ -42,7 +61,9 @@ impl AccessLog {
         }
         let mut line = serde_json::to_vec(&self.line(e)).unwrap_or_default();
         line.push(b'\n');
-        let _ = std::io::stdout().lock().write_all(&line);
+        if let Err(TrySendError::Full(_)) = self.lines.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn line(&self, e: &Entry<'_>) -> Map<String, Value> {
@@ -65,5 +86,22 @@ impl AccessLog {
             m.insert(f.clone(), v);
         }
         m
+    }
+}
+
+/// Writes queued lines to stdout, as many as are waiting in one write.
+fn write(queue: Receiver<Vec<u8>>) {
+    let out = std::io::stdout();
+    while let Ok(mut batch) = queue.recv() {
+        while let Ok(more) = queue.try_recv() {
+            batch.extend_from_slice(&more);
+            if batch.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let mut out = out.lock();
+        if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
+            return;
+        }
     }
 }

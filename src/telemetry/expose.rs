@@ -284,6 +284,14 @@ impl Collector for AppCollector {
             "Generation of the running config.",
             &[(vec![], status.generation as i64)],
         )?;
+        if let Some(log) = &app.telemetry().access {
+            counter(
+                &mut enc,
+                "outrider_access_log_dropped",
+                "Access log lines dropped: stdout could not keep up.",
+                &[(vec![], log.dropped.load(Ordering::Relaxed))],
+            )?;
+        }
         if let Some(t) = &app.telemetry().tracing {
             counter(
                 &mut enc,

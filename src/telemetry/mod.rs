@@ -4,10 +4,10 @@
 //! and metric types. Must not: cost the request path more than atomic adds when a signal is
 //! off (no tracer → no span work; access log off → nothing built).
 
-pub mod access;
-pub mod expose;
+pub(crate) mod access;
+pub(crate) mod expose;
 pub mod metrics;
-pub mod trace;
+pub(crate) mod trace;
 
 use std::time::Duration;
 
@@ -15,19 +15,19 @@ use crate::config::{Config, LogFormat, LoggingConfig};
 
 /// The signals configured at start. Not reloaded: changing them needs a restart.
 #[derive(Debug, Default)]
-pub struct Telemetry {
-    pub tracing: Option<trace::Tracing>,
-    pub access: Option<access::AccessLog>,
+pub(crate) struct Telemetry {
+    pub(crate) tracing: Option<trace::Tracing>,
+    pub(crate) access: Option<access::AccessLog>,
 }
 
 impl Telemetry {
-    pub fn new(config: &Config) -> Result<Telemetry, opentelemetry_otlp::ExporterBuildError> {
+    pub(crate) fn new(config: &Config) -> Result<Telemetry, opentelemetry_otlp::ExporterBuildError> {
         let tracing = config.tracing.as_ref().map(trace::Tracing::new).transpose()?;
         Ok(Telemetry { tracing, access: access::AccessLog::new(&config.access_log) })
     }
 
     /// Exports the spans still queued (graceful shutdown).
-    pub async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         if let Some(t) = &self.tracing {
             t.flush(Duration::from_secs(5)).await;
         }

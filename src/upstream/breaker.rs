@@ -5,34 +5,33 @@
 //! `half_open_requests` probes: all succeeding closes it, any failure opens it again
 //! (gobreaker's semantics). Independently, at most `max_in_flight` requests run at once.
 //! Nothing queues: a request that cannot run is refused at once.
-//! Owns: that state. Must not: hold its lock across an await.
+//! Owns: that state, in atomics (a window of buckets like the retry budget's). Must not:
+//! lock — every request admits and records.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
-use tokio::time::Instant;
-
+use super::window::Window;
+use crate::clock::now_ms;
 use crate::config::Breaker as Config;
 
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// All state in atomics: requests admit and record without a lock.
 #[derive(Debug)]
 pub struct Breaker {
     cfg: Config,
     in_flight: AtomicU32,
-    state: Mutex<State>,
-}
-
-#[derive(Debug)]
-struct State {
-    phase: Phase,
-    /// (bucket start, requests, failures), oldest first.
-    window: Vec<(Instant, u32, u32)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Phase {
-    Closed,
-    Open { until: Instant },
-    HalfOpen { admitted: u32, succeeded: u32 },
+    phase: AtomicU8,
+    open_until_ms: AtomicU64,
+    /// Counts openings, so a half-open probe slot is given back only in its own round.
+    round: AtomicU32,
+    probes_admitted: AtomicU32,
+    probes_succeeded: AtomicU32,
+    /// (requests, failures) while closed.
+    window: Window,
 }
 
 /// Why a request was refused.
@@ -47,14 +46,24 @@ pub enum Refused {
 pub struct Admission {
     breaker: Arc<Breaker>,
     recorded: bool,
+    /// The half-open round whose probe slot this request holds.
+    probe: Option<u32>,
 }
 
 // === impl Breaker ===
 
 impl Breaker {
     pub fn new(cfg: &Config) -> Arc<Self> {
-        let state = State { phase: Phase::Closed, window: Vec::new() };
-        Arc::new(Breaker { cfg: cfg.clone(), in_flight: AtomicU32::new(0), state: Mutex::new(state) })
+        Arc::new(Breaker {
+            cfg: cfg.clone(),
+            in_flight: AtomicU32::new(0),
+            phase: AtomicU8::new(CLOSED),
+            open_until_ms: AtomicU64::new(0),
+            round: AtomicU32::new(0),
+            probes_admitted: AtomicU32::new(0),
+            probes_succeeded: AtomicU32::new(0),
+            window: Window::new(cfg.window),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -66,24 +75,25 @@ impl Breaker {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::Overloaded);
         }
-        let admission = Admission { breaker: self.clone(), recorded: false };
+        let mut admission = Admission { breaker: self.clone(), recorded: false, probe: None };
         if self.cfg.failure_ratio <= 0.0 {
             return Ok(admission);
         }
-        let mut s = self.lock();
-        let now = Instant::now();
-        if let Phase::Open { until } = s.phase {
-            if now < until {
+        if self.phase.load(Ordering::Acquire) == OPEN {
+            if now_ms() < self.open_until_ms.load(Ordering::Acquire) {
                 return Err(Refused::Open);
             }
-            s.phase = Phase::HalfOpen { admitted: 0, succeeded: 0 };
-            tracing::info!("circuit half-open: letting probe requests through");
+            if self.phase.compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                tracing::info!("circuit half-open: letting probe requests through");
+            }
         }
-        if let Phase::HalfOpen { admitted, .. } = &mut s.phase {
-            if *admitted >= self.cfg.half_open_requests.get() {
+        if self.phase.load(Ordering::Acquire) == HALF_OPEN {
+            let round = self.round.load(Ordering::Acquire);
+            if self.probes_admitted.fetch_add(1, Ordering::AcqRel) >= self.cfg.half_open_requests.get() {
+                self.probes_admitted.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refused::Open);
             }
-            *admitted += 1;
+            admission.probe = Some(round);
         }
         Ok(admission)
     }
@@ -92,65 +102,55 @@ impl Breaker {
         if self.cfg.failure_ratio <= 0.0 {
             return;
         }
-        let mut s = self.lock();
-        let now = Instant::now();
-        match s.phase {
-            Phase::Open { .. } => {}
-            Phase::HalfOpen { admitted, succeeded } => {
-                if !success {
-                    self.open(&mut s, now);
-                } else if succeeded + 1 >= self.cfg.half_open_requests.get() {
-                    tracing::info!("circuit closed: probes succeeded");
-                    s.phase = Phase::Closed;
-                    s.window.clear();
-                } else {
-                    s.phase = Phase::HalfOpen { admitted, succeeded: succeeded + 1 };
-                }
-            }
-            Phase::Closed => {
-                self.count(&mut s, now, success);
-                let (requests, failures) = s.window.iter().fold((0, 0), |(r, f), b| (r + b.1, f + b.2));
-                if requests >= self.cfg.min_requests.max(1)
-                    && f64::from(failures) >= self.cfg.failure_ratio * f64::from(requests)
+        match self.phase.load(Ordering::Acquire) {
+            HALF_OPEN if !success => self.open(HALF_OPEN),
+            HALF_OPEN => {
+                let ok = self.probes_succeeded.fetch_add(1, Ordering::AcqRel) + 1;
+                if ok >= self.cfg.half_open_requests.get()
+                    && self
+                        .phase
+                        .compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
                 {
-                    self.open(&mut s, now);
+                    self.window.clear();
+                    tracing::info!("circuit closed: probes succeeded");
                 }
             }
-        }
-    }
-
-    fn count(&self, s: &mut State, now: Instant, success: bool) {
-        let bucket = self.cfg.window / 10;
-        s.window.retain(|b| now.saturating_duration_since(b.0) < self.cfg.window);
-        match s.window.last_mut() {
-            Some(b) if now.saturating_duration_since(b.0) < bucket => {
-                b.1 += 1;
-                b.2 += u32::from(!success);
+            CLOSED => {
+                self.window.add(1, u32::from(!success));
+                let (requests, failures) = self.window.sums();
+                if requests >= u64::from(self.cfg.min_requests.max(1))
+                    && failures as f64 >= self.cfg.failure_ratio * requests as f64
+                {
+                    self.open(CLOSED);
+                }
             }
-            _ => s.window.push((now, 1, u32::from(!success))),
+            _ => {}
         }
     }
 
-    fn open(&self, s: &mut State, now: Instant) {
-        tracing::warn!(open_for = ?self.cfg.open_for, "circuit opened: failing fast");
-        s.phase = Phase::Open { until: now + self.cfg.open_for };
-        s.window.clear();
+    /// Opens the circuit from `from`; only the request that wins the change logs it.
+    fn open(&self, from: u8) {
+        self.open_until_ms.store(now_ms() + self.cfg.open_for.as_millis() as u64, Ordering::Release);
+        self.probes_admitted.store(0, Ordering::Release);
+        self.probes_succeeded.store(0, Ordering::Release);
+        self.round.fetch_add(1, Ordering::AcqRel);
+        if self.phase.compare_exchange(from, OPEN, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.window.clear();
+            tracing::warn!(open_for = ?self.cfg.open_for, "circuit opened: failing fast");
+        }
     }
 
     pub fn state_name(&self) -> &'static str {
-        match self.lock().phase {
-            Phase::Closed => "closed",
-            Phase::Open { .. } => "open",
-            Phase::HalfOpen { .. } => "half_open",
+        match self.phase.load(Ordering::Relaxed) {
+            OPEN => "open",
+            HALF_OPEN => "half_open",
+            _ => "closed",
         }
     }
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -167,16 +167,15 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.breaker.in_flight.fetch_sub(1, Ordering::AcqRel);
-        // A request dropped without an outcome (client went away) counts as nothing: a
-        // half-open probe slot it held is given back by recording a success.
-        if !self.recorded {
-            let mut s = self.breaker.lock();
-            if let Phase::HalfOpen { admitted, succeeded } = s.phase
-                && admitted > succeeded
-            {
-                s.phase = Phase::HalfOpen { admitted: admitted - 1, succeeded };
-            }
+        let b = &self.breaker;
+        b.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // A request dropped without an outcome (the client went away, or the fault was the
+        // client's) counts as nothing: a probe slot it held in this round is given back.
+        if !self.recorded
+            && let Some(round) = self.probe
+            && b.round.load(Ordering::Acquire) == round
+        {
+            b.probes_admitted.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

@@ -1,38 +1,25 @@
 //! The retry budget: retries may add at most `ratio` of the requests seen in a sliding
 //! window, plus `min_per_second`, so a failing upstream never gets a retry storm.
 //!
-//! Owns: ten time buckets of atomic counters. Must not: lock (it is on the request path).
+//! Owns: the budget's window of atomic counters. Must not: lock (it is on the request path).
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use super::window::Window;
 use crate::config::RetryBudget;
-
-const BUCKETS: usize = 10;
 
 #[derive(Debug)]
 pub struct Budget {
     cfg: RetryBudget,
-    bucket_ms: u64,
-    buckets: [Bucket; BUCKETS],
-}
-
-#[derive(Debug, Default)]
-struct Bucket {
-    epoch: AtomicU64,
-    requests: AtomicU32,
-    retries: AtomicU32,
+    /// (requests, retries) over the window.
+    window: Window,
 }
 
 // === impl Budget ===
 
 impl Budget {
     pub fn new(cfg: &RetryBudget) -> Self {
-        let bucket_ms = (cfg.window.as_millis() as u64 / BUCKETS as u64).max(1);
-        Budget { cfg: cfg.clone(), bucket_ms, buckets: Default::default() }
+        Budget { cfg: cfg.clone(), window: Window::new(cfg.window) }
     }
 
     pub fn config(&self) -> &RetryBudget {
@@ -40,52 +27,21 @@ impl Budget {
     }
 
     pub fn record_request(&self) {
-        self.current().requests.fetch_add(1, Ordering::Relaxed);
+        self.window.add(1, 0);
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_retry(&self) -> bool {
-        let epoch = self.epoch();
-        let (mut requests, mut retries) = (0u64, 0u64);
-        for b in &self.buckets {
-            let e = b.epoch.load(Ordering::Relaxed);
-            if e + BUCKETS as u64 > epoch && e <= epoch {
-                requests += u64::from(b.requests.load(Ordering::Relaxed));
-                retries += u64::from(b.retries.load(Ordering::Relaxed));
-            }
-        }
+        let (requests, retries) = self.window.sums();
         let window_secs = self.cfg.window.as_secs_f64();
         let allowed = self.cfg.ratio * requests as f64 + f64::from(self.cfg.min_per_second) * window_secs;
         if (retries as f64) < allowed.floor() {
-            self.current().retries.fetch_add(1, Ordering::Relaxed);
+            self.window.add(0, 1);
             true
         } else {
             false
         }
     }
-
-    fn epoch(&self) -> u64 {
-        now_ms() / self.bucket_ms + BUCKETS as u64
-    }
-
-    /// The bucket for now, cleared first if it last served an older epoch.
-    fn current(&self) -> &Bucket {
-        let epoch = self.epoch();
-        let b = &self.buckets[(epoch % BUCKETS as u64) as usize];
-        let seen = b.epoch.load(Ordering::Relaxed);
-        if seen != epoch && b.epoch.compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Relaxed).is_ok()
-        {
-            b.requests.store(0, Ordering::Relaxed);
-            b.retries.store(0, Ordering::Relaxed);
-        }
-        b
-    }
-}
-
-fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    Instant::now().saturating_duration_since(base).as_millis() as u64
 }
 
 /// Full jitter: a random delay up to `base × 2^(retry-1)`, capped at `max`.

@@ -206,7 +206,7 @@ async fn run(
         }
         streaks.retain(|addr, _| results.contains_key(addr));
         if changed {
-            b.refresh();
+            b.changed();
         }
     }
 }

@@ -1,26 +1,35 @@
 //! The live endpoint set of one service, and the choice of an endpoint per request.
 //!
-//! Owns: [`Balancer`] (an atomically swapped [`Snapshot`] of endpoints plus the picker's
-//! precomputed state), per-endpoint runtime state ([`EndpointState`]: in-flight count,
-//! passive and active health) that survives updates for endpoints that did not change, and
-//! the filters that decide which endpoints are routable (ejection, health, panic mode).
-//! Must not: await, or take a lock on the pick path; know where endpoints come from.
+//! Owns: [`Balancer`], the read side every request uses (an atomically swapped [`Snapshot`]
+//! and the picker's counter); per-endpoint runtime state ([`EndpointState`]: in-flight count,
+//! passive and active health, the connection pool) that survives updates for endpoints whose
+//! address stays; and [`Owner`], the one writer that builds snapshots. The owner runs in the
+//! service's task (`service.rs`), which applies new sets and settings, rebuilds after
+//! ejections and health changes, and ends ejections on time.
+//! Must not: await, lock or allocate on the pick and report paths — requests only do atomics
+//! and a non-blocking wake of the owner; know where endpoints come from.
 
-pub mod breaker;
-pub mod budget;
-pub mod health;
-pub mod outlier;
+pub(crate) mod breaker;
+pub(crate) mod budget;
+pub(crate) mod health;
+pub(crate) mod outlier;
 mod pick;
+mod service;
+mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use serde::Serialize;
+use tokio::sync::mpsc;
 
+pub(crate) use service::{Service, ServiceHandle};
+
+use crate::client::Pool;
 use crate::config::{EndpointSpec, Outlier, Policy};
 use crate::telemetry::metrics::Matrix;
 use outlier::{Change, Ejection, Health};
@@ -31,11 +40,13 @@ use pick::Picker;
 pub struct EndpointState {
     pub addr: SocketAddr,
     /// `addr` as a URI authority, built once so requests do not format it.
-    pub authority: Authority,
+    pub(crate) authority: Authority,
     in_flight: AtomicUsize,
-    pub health: Health,
+    pub(crate) health: Health,
     /// Attempts sent here, by method and status class (for `/metrics`).
-    pub requests: Matrix,
+    pub(crate) requests: Matrix,
+    /// Connections to this endpoint.
+    pub(crate) pool: Pool,
 }
 
 /// An endpoint as one snapshot sees it: its current weight and tags plus its shared state.
@@ -55,30 +66,33 @@ pub struct Snapshot {
     /// The ones requests may go to now; the picker's state is built over these.
     routable: Vec<Endpoint>,
     picker: Picker,
+    /// The ejection rules reports are judged by.
+    outlier: Arc<Outlier>,
     /// Too few endpoints were routable, so all of them are used (panic mode).
     pub panic: bool,
     /// Whether discovery has delivered a set yet (an empty set counts once delivered).
     pub synced: bool,
 }
 
-/// What writers change: the policy and the ejection rules.
-#[derive(Debug, Clone)]
-struct Settings {
-    policy: Policy,
-    outlier: Outlier,
-}
-
-/// The endpoint set of one service: swapped whole by discovery, read by every request.
+/// The endpoint set of one service as requests see it: swapped whole by its [`Owner`].
 #[derive(Debug)]
 pub struct Balancer {
     snapshot: ArcSwap<Snapshot>,
     /// Round-robin position; kept across updates so a swap does not restart the cycle.
     counter: AtomicUsize,
-    /// Serialises writers (discovery, reload, ejections); the pick path never takes it.
-    writer: Mutex<Settings>,
-    /// For the timers that end ejections.
-    this: Weak<Balancer>,
-    pub ejections: std::sync::atomic::AtomicU64,
+    /// Wakes the owner to rebuild. Capacity one: a full channel means a rebuild is already
+    /// due, and the owner reads the endpoints' current state when it runs.
+    wake: mpsc::Sender<()>,
+    pub(crate) ejections: AtomicU64,
+}
+
+/// The one writer of a [`Balancer`]: applies sets and settings, rebuilds snapshots.
+#[derive(Debug)]
+pub struct Owner {
+    balancer: Arc<Balancer>,
+    policy: Policy,
+    outlier: Arc<Outlier>,
+    woken: mpsc::Receiver<()>,
 }
 
 /// Holds one unit of an endpoint's in-flight count until dropped.
@@ -99,6 +113,7 @@ impl EndpointState {
             in_flight: AtomicUsize::new(0),
             health: Health::default(),
             requests: Matrix::default(),
+            pool: Pool::default(),
         }
     }
 
@@ -152,15 +167,17 @@ impl Drop for InFlight {
 // === impl Balancer ===
 
 impl Balancer {
-    pub fn new(policy: Policy, outlier: &Outlier) -> Arc<Self> {
-        let settings = Settings { policy, outlier: outlier.clone() };
-        Arc::new_cyclic(|this| Balancer {
-            snapshot: ArcSwap::from_pointee(build(&settings, Vec::new(), false)),
+    /// An empty, unsynced balancer and its owner.
+    pub fn new(policy: Policy, outlier: &Outlier) -> (Arc<Balancer>, Owner) {
+        let outlier = Arc::new(outlier.clone());
+        let (wake, woken) = mpsc::channel(1);
+        let balancer = Arc::new(Balancer {
+            snapshot: ArcSwap::from_pointee(build(policy, &outlier, Vec::new(), false)),
             counter: AtomicUsize::new(0),
-            writer: Mutex::new(settings),
-            this: this.clone(),
-            ejections: Default::default(),
-        })
+            wake,
+            ejections: AtomicU64::new(0),
+        });
+        (balancer.clone(), Owner { balancer, policy, outlier, woken })
     }
 
     /// Chooses an endpoint and counts the request against it; `None` when none is routable.
@@ -192,91 +209,26 @@ impl Balancer {
         self.snapshot.load_full()
     }
 
-    /// Records an attempt's outcome for passive health (outlier ejection).
+    /// Records an attempt's outcome for passive health (outlier ejection): atomics, and a
+    /// wake of the owner when the endpoint was ejected or came back.
     pub fn report(&self, endpoint: &EndpointState, failed: bool) {
-        let outlier = self.lock().outlier.clone();
-        let change = endpoint.health.report(failed, &outlier, || self.may_eject(&outlier));
-        match change {
-            Change::None => {}
+        let snap = self.snapshot.load();
+        match endpoint.health.report(failed, &snap.outlier, || may_eject(&snap)) {
+            Change::None => return,
             Change::Returned => {
                 tracing::info!(endpoint = %endpoint.addr, "probe succeeded: endpoint back in rotation");
-                self.refresh();
             }
             Change::Ejected(duration) => {
                 self.ejections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(endpoint = %endpoint.addr, ?duration, times = endpoint.health.times_ejected(), "endpoint ejected after consecutive failures");
-                self.refresh();
-                let this = self.this.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(duration).await;
-                    if let Some(b) = this.upgrade() {
-                        b.refresh();
-                    }
-                });
             }
         }
+        self.changed();
     }
 
-    /// At most `max_ejection_percent` of endpoints ejected at once, but always at least one.
-    fn may_eject(&self, outlier: &Outlier) -> bool {
-        let snap = self.snapshot.load();
-        let total = snap.endpoints.len();
-        let ejected = snap.endpoints.iter().filter(|e| e.state.health.ejection() != Ejection::Active).count();
-        ejected == 0 || (ejected + 1) * 100 <= outlier.max_ejection_percent as usize * total
-    }
-
-    /// Replaces the endpoint set ("reset to this set"): endpoints whose address is already
-    /// known keep their state; weights and tags take the new values.
-    pub fn update(&self, specs: &[EndpointSpec]) {
-        let settings = self.lock();
-        let old = self.snapshot.load();
-        let known: HashMap<SocketAddr, &Arc<EndpointState>> =
-            old.endpoints.iter().map(|e| (e.addr, &e.state)).collect();
-        let endpoints: Vec<Endpoint> = specs
-            .iter()
-            .map(|s| Endpoint {
-                addr: s.addr,
-                weight: s.weight.get(),
-                tags: Arc::new(s.tags.clone()),
-                state: known
-                    .get(&s.addr)
-                    .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st)),
-            })
-            .collect();
-        self.snapshot.store(Arc::new(build(&settings, endpoints, true)));
-    }
-
-    /// Changes the policy and ejection rules, keeping the endpoints and their state.
-    pub fn configure(&self, policy: Policy, outlier: &Outlier) {
-        let mut settings = self.lock();
-        if settings.policy == policy && settings.outlier == *outlier {
-            return;
-        }
-        *settings = Settings { policy, outlier: outlier.clone() };
-        let old = self.snapshot.load();
-        self.snapshot.store(Arc::new(build(&settings, old.endpoints.clone(), old.synced)));
-    }
-
-    /// Rebuilds the routable set after an ejection, a return or a health change.
-    pub fn refresh(&self) {
-        let settings = self.lock();
-        let old = self.snapshot.load();
-        for e in &old.endpoints {
-            e.state.health.ejection_over();
-        }
-        let snap = build(&settings, old.endpoints.clone(), old.synced);
-        if snap.panic && !old.panic {
-            tracing::warn!(
-                routable = snap.routable.len(),
-                total = snap.endpoints.len(),
-                "panic mode: too few healthy endpoints, routing over all of them"
-            );
-        }
-        self.snapshot.store(Arc::new(snap));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Settings> {
-        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    /// Endpoint health changed (ejection, return, active check): the owner rebuilds.
+    pub fn changed(&self) {
+        let _ = self.wake.try_send(());
     }
 
     /// Endpoint view for the admin `/upstreams` page.
@@ -298,14 +250,89 @@ impl Balancer {
     }
 }
 
+/// At most `max_ejection_percent` of endpoints ejected at once, but always at least one.
+fn may_eject(snap: &Snapshot) -> bool {
+    let total = snap.endpoints.len();
+    let ejected = snap.endpoints.iter().filter(|e| e.state.health.ejection() != Ejection::Active).count();
+    ejected == 0 || (ejected + 1) * 100 <= snap.outlier.max_ejection_percent as usize * total
+}
+
+// === impl Owner ===
+
+impl Owner {
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
+    }
+
+    /// Replaces the endpoint set ("reset to this set"): endpoints whose address is already
+    /// known keep their state; weights and tags take the new values.
+    pub fn update(&mut self, specs: &[EndpointSpec]) {
+        let old = self.balancer.snapshot.load();
+        let known: HashMap<SocketAddr, &Arc<EndpointState>> =
+            old.endpoints.iter().map(|e| (e.addr, &e.state)).collect();
+        let endpoints: Vec<Endpoint> = specs
+            .iter()
+            .map(|s| Endpoint {
+                addr: s.addr,
+                weight: s.weight.get(),
+                tags: Arc::new(s.tags.clone()),
+                state: known
+                    .get(&s.addr)
+                    .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st)),
+            })
+            .collect();
+        self.store(endpoints, true);
+    }
+
+    /// Changes the policy and ejection rules, keeping the endpoints and their state.
+    pub fn configure(&mut self, policy: Policy, outlier: &Outlier) {
+        if self.policy == policy && *self.outlier == *outlier {
+            return;
+        }
+        (self.policy, self.outlier) = (policy, Arc::new(outlier.clone()));
+        let old = self.balancer.snapshot.load();
+        self.store(old.endpoints.clone(), old.synced);
+    }
+
+    /// Rebuilds the routable set: ends ejections whose time is over, and applies health
+    /// changes that requests and checkers reported.
+    pub fn refresh(&mut self) {
+        while self.woken.try_recv().is_ok() {}
+        let old = self.balancer.snapshot.load();
+        for e in &old.endpoints {
+            e.state.health.ejection_over();
+        }
+        self.store(old.endpoints.clone(), old.synced);
+    }
+
+    /// When the next ejection ends, if one is in force.
+    fn next_return(&self) -> Option<tokio::time::Instant> {
+        let snap = self.balancer.snapshot.load();
+        snap.endpoints.iter().filter_map(|e| e.state.health.ejected_until()).min()
+    }
+
+    fn store(&self, endpoints: Vec<Endpoint>, synced: bool) {
+        let snap = build(self.policy, &self.outlier, endpoints, synced);
+        let old = self.balancer.snapshot.load();
+        if snap.panic && !old.panic {
+            tracing::warn!(
+                routable = snap.routable.len(),
+                total = snap.endpoints.len(),
+                "panic mode: too few healthy endpoints, routing over all of them"
+            );
+        }
+        self.balancer.snapshot.store(Arc::new(snap));
+    }
+}
+
 /// Builds a snapshot: the routable subset, or everything in panic mode.
-fn build(settings: &Settings, endpoints: Vec<Endpoint>, synced: bool) -> Snapshot {
+fn build(policy: Policy, outlier: &Arc<Outlier>, endpoints: Vec<Endpoint>, synced: bool) -> Snapshot {
     let ok: Vec<Endpoint> = endpoints.iter().filter(|e| e.state.routable()).cloned().collect();
-    let threshold = settings.outlier.panic_threshold_percent as usize;
+    let threshold = outlier.panic_threshold_percent as usize;
     let panic = !endpoints.is_empty() && ok.len() * 100 < threshold * endpoints.len();
     let routable = if panic { endpoints.clone() } else { ok };
-    let picker = Picker::build(settings.policy, &routable);
-    Snapshot { endpoints, routable, picker, panic, synced }
+    let picker = Picker::build(policy, &routable);
+    Snapshot { endpoints, routable, picker, outlier: outlier.clone(), panic, synced }
 }
 
 #[derive(Debug, Serialize)]
@@ -349,20 +376,23 @@ pub(crate) mod tests {
         }
     }
 
+    pub(crate) fn balancer(policy: Policy, outlier: &Outlier, weights: &[u32]) -> (Arc<Balancer>, Owner) {
+        let (b, mut owner) = Balancer::new(policy, outlier);
+        owner.update(&specs(weights));
+        (b, owner)
+    }
+
     pub(crate) fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
-        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
-        b.update(&specs(weights));
-        b.snapshot().endpoints.clone()
+        balancer(Policy::WeightedRoundRobin, &outlier(), weights).0.snapshot().endpoints.clone()
     }
 
     #[test]
     fn update_keeps_state_of_unchanged_endpoints() {
-        let b = Balancer::new(Policy::LeastRequest, &outlier());
-        b.update(&specs(&[1, 1]));
+        let (b, mut owner) = balancer(Policy::LeastRequest, &outlier(), &[1, 1]);
         let held = b.snapshot().endpoints[0].state.begin();
         let mut next = specs(&[7, 1, 1]);
         next.remove(1);
-        b.update(&next);
+        owner.update(&next);
         let snap = b.snapshot();
         assert_eq!(snap.endpoints[0].weight, 7);
         assert_eq!(snap.endpoints[0].state.in_flight(), 1);
@@ -373,56 +403,56 @@ pub(crate) mod tests {
 
     #[test]
     fn empty_and_unsynced_until_first_update() {
-        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
+        let (b, mut owner) = Balancer::new(Policy::WeightedRoundRobin, &outlier());
         assert!(!b.snapshot().synced);
         assert!(b.pick().is_none());
-        b.update(&[]);
+        owner.update(&[]);
         assert!(b.snapshot().synced);
         assert!(b.pick().is_none());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn ejection_removes_an_endpoint_and_panic_mode_brings_all_back() {
         let mut cfg = outlier();
         cfg.max_ejection_percent = 100;
-        let b = Balancer::new(Policy::WeightedRoundRobin, &cfg);
-        b.update(&specs(&[1, 1, 1, 1]));
+        let (b, mut owner) = balancer(Policy::WeightedRoundRobin, &cfg, &[1, 1, 1, 1]);
         let first = b.snapshot().endpoints[0].state.clone();
         for _ in 0..5 {
             b.report(&first, true);
         }
+        assert!((0..30).all(|_| b.pick().unwrap().addr() != first.addr), "skipped before the rebuild");
+        owner.refresh();
         let snap = b.snapshot();
         assert_eq!((snap.routable.len(), snap.panic), (3, false));
-        assert!((0..30).all(|_| b.pick().unwrap().addr() != first.addr));
         for e in &snap.endpoints[1..3] {
             for _ in 0..5 {
                 b.report(&e.state, true);
             }
         }
+        owner.refresh();
         // 1 of 4 routable is below the 50% panic threshold: all four are used again.
         let snap = b.snapshot();
         assert_eq!((snap.routable.len(), snap.panic), (4, true));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn max_ejection_percent_allows_at_least_one() {
-        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
-        b.update(&specs(&[1, 1, 1]));
+        let (b, mut owner) = balancer(Policy::WeightedRoundRobin, &outlier(), &[1, 1, 1]);
         let snap = b.snapshot();
         for e in &snap.endpoints {
             for _ in 0..5 {
                 b.report(&e.state, true);
             }
         }
+        owner.refresh();
         let ejected = b.describe().iter().filter(|e| e.state == "ejected").count();
         assert_eq!(ejected, 1, "10% of 3 endpoints rounds to the minimum of one");
     }
 
     #[test]
     fn weight_change_takes_effect_on_next_pick() {
-        let b = Balancer::new(Policy::WeightedRoundRobin, &outlier());
-        b.update(&specs(&[1, 1]));
-        b.update(&specs(&[3, 1]));
+        let (b, mut owner) = balancer(Policy::WeightedRoundRobin, &outlier(), &[1, 1]);
+        owner.update(&specs(&[3, 1]));
         let picks: Vec<_> = (0..8).map(|_| b.pick().unwrap().addr().port() - 10_000).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 6);
     }

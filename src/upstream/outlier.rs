@@ -4,12 +4,10 @@
 //! Owns: the ejection state of an [`EndpointState`] (atomics, no locks) and the rules for
 //! moving between states. Must not: rebuild snapshots itself — it tells the balancer.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use crate::clock::{instant_at, now_ms};
 use crate::config::Outlier;
 
 /// Where an endpoint stands. Only `Active` and `Probing` are routable (outside panic mode).
@@ -120,13 +118,12 @@ impl Health {
     pub fn times_ejected(&self) -> u32 {
         self.times_ejected.load(Ordering::Relaxed)
     }
-}
 
-/// Milliseconds on tokio's clock (so paused-clock tests control it).
-fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    Instant::now().saturating_duration_since(base).as_millis() as u64
+    /// When the current ejection ends, while the endpoint is ejected.
+    pub fn ejected_until(&self) -> Option<tokio::time::Instant> {
+        (self.ejection() == Ejection::Ejected)
+            .then(|| instant_at(self.ejected_until_ms.load(Ordering::Relaxed)))
+    }
 }
 
 #[cfg(test)]

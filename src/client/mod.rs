@@ -1,0 +1,132 @@
+//! The upstream connection layer: connecting to endpoints, keeping their connections, and
+//! sending one request on one connection.
+//!
+//! Owns: the [`Connector`] (TCP with a timeout; TLS origination plugs in here), the
+//! per-endpoint [`Pool`] of idle HTTP/1.1 senders and multiplexed HTTP/2 connections built
+//! on `hyper::client::conn`, and the [`Lease`] a response body holds until its last frame.
+//! Must not: pick endpoints, decide retries, or know about services — a request that a
+//! reused connection could not take (it was closing) is the one thing sent again here, on a
+//! fresh connection, because it provably never left.
+
+mod connect;
+mod pool;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+pub(crate) use connect::{ConnectError, Connector};
+pub(crate) use pool::{Lease, Pool};
+
+use crate::config::{ServiceConfig, UpstreamProtocol};
+use crate::proxy::body::UpstreamBody;
+
+/// How a service's connections are made and kept. Cheap to share; one per service and
+/// settings (a reload that changes them makes a new one, whose pool entries are separate).
+#[derive(Debug)]
+pub(crate) struct Client {
+    /// Tags pooled connections: entries made under other settings are never reused.
+    id: u64,
+    protocol: UpstreamProtocol,
+    connector: Connector,
+    idle: Duration,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection could be made: nothing was sent, and the request comes back.
+    Connect(ConnectError, Box<Request<UpstreamBody>>),
+    /// The connection failed with the request on it (it may have reached the upstream).
+    Http(hyper::Error),
+}
+
+// === impl Client ===
+
+impl Client {
+    pub(crate) fn new(config: &ServiceConfig) -> Client {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Client {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            protocol: config.protocol,
+            connector: Connector::new(config.timeouts.connect),
+            idle: config.timeouts.idle,
+        }
+    }
+
+    /// Whether `config` would build the same client (so its connections can be kept).
+    pub(crate) fn serves(&self, config: &ServiceConfig) -> bool {
+        self.protocol == config.protocol
+            && self.connector.timeout() == config.timeouts.connect
+            && self.idle == config.timeouts.idle
+    }
+
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// Sends `req` to the endpoint whose pool is `pool`, on an idle connection or a new one.
+    pub(crate) async fn send(
+        &self,
+        pool: &Pool,
+        addr: SocketAddr,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let (conn, reused) = match pool.checkout(self.id, self.protocol) {
+            Some(conn) => (conn, true),
+            None => match self.open(pool, addr).await {
+                Ok(conn) => (conn, false),
+                Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+            },
+        };
+        match conn.send(req).await {
+            Ok(sent) => Ok(sent),
+            // A reused connection that was closing took nothing: once more on a fresh one.
+            Err((_, Some(req))) if reused => {
+                tracing::debug!(endpoint = %addr, "pooled connection was closing; sending on a new one");
+                match self.open(pool, addr).await {
+                    Ok(conn) => conn.send(*req).await.map_err(|e| SendError::from_fresh(e, addr)),
+                    Err(e) => Err(SendError::Connect(e, req)),
+                }
+            }
+            Err(e) => Err(SendError::from_fresh(e, addr)),
+        }
+    }
+
+    async fn open(&self, pool: &Pool, addr: SocketAddr) -> Result<pool::Conn, ConnectError> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => {
+                let stream = self.connector.connect(addr).await?;
+                pool::Conn::http1(stream, self.id, self.idle, addr).await
+            }
+            UpstreamProtocol::Http2 => pool.http2(self.id, self.idle, addr, &self.connector).await,
+        }
+    }
+}
+
+// === impl SendError ===
+
+impl SendError {
+    /// A connection that refused a request it was never given counts as a failed connect.
+    fn from_fresh((e, req): (hyper::Error, Option<Box<Request<UpstreamBody>>>), addr: SocketAddr) -> Self {
+        match req {
+            Some(req) => SendError::Connect(ConnectError::Closed(addr, error_chain(&e)), req),
+            None => SendError::Http(e),
+        }
+    }
+}
+
+/// The error and its causes on one line ("a: b: c").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
