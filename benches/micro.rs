@@ -1,6 +1,7 @@
 //! Microbenchmarks (divan): `cargo bench --bench micro`.
 //!
-//! Pickers at 3 to 10,000 endpoints, alone and contended (2 threads on one balancer); an
+//! Pickers at 3 to 10,000 endpoints, alone and contended (2 threads on one balancer); the
+//! per-request shared state (breaker, budget, pick, outlier report) alone and contended; an
 //! endpoint-set update (diff + rebuild + swap) at the same sizes; validating the reference
 //! config; and the metrics a request records.
 
@@ -12,6 +13,8 @@ use std::time::Duration;
 use divan::Bencher;
 use outrider::config::{Config, EndpointSpec, Policy};
 use outrider::telemetry::metrics::{Matrix, ServiceMetrics};
+use outrider::upstream::breaker::Breaker;
+use outrider::upstream::budget::Budget;
 use outrider::upstream::{Balancer, Owner};
 
 fn main() {
@@ -66,6 +69,34 @@ fn update_endpoint_set(bencher: Bencher, n: usize) {
     bencher.bench_local(|| {
         flip = !flip;
         owner.update(if flip { &c } else { &a });
+    });
+}
+
+/// What every request does to its service's shared state besides the pick: breaker admit
+/// and record, the retry budget's request count, an outlier report and the in-flight guard.
+/// Contended with two threads on one service, as a sidecar given two cores would be.
+#[divan::bench(args = [10, 1_000], threads = [1, 2])]
+fn per_request_service_state(bencher: Bencher, n: usize) {
+    let (b, _owner) = balancer(Policy::WeightedRoundRobin, n, true);
+    let breaker = Breaker::new(&outrider::config::Breaker {
+        failure_ratio: 0.5,
+        min_requests: 20,
+        window: Duration::from_secs(10),
+        open_for: Duration::from_secs(5),
+        half_open_requests: NonZeroU32::new(1).unwrap(),
+        max_in_flight: 1 << 20,
+    });
+    let budget = Budget::new(&outrider::config::RetryBudget {
+        ratio: 0.2,
+        min_per_second: 10,
+        window: Duration::from_secs(10),
+    });
+    bencher.bench(|| {
+        let mut admission = breaker.admit().unwrap();
+        budget.record_request();
+        let endpoint = b.pick().unwrap();
+        b.report(endpoint.state(), false);
+        admission.record(true);
     });
 }
 

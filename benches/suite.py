@@ -105,7 +105,7 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
         self.spawn(["nginx", "-p", self.dir, "-c", conf], core=1)
         wait_port(self.backend)
 
-    def start_outrider(self, extra=""):
+    def start_outrider(self, extra="", binary=BIN, env=None, core=0):
         self.o_http, self.o_tcp, self.o_admin = free_port(), free_port(), free_port()
         conf = self.write("outrider.yaml", f"""
 admin: {{ bind: 127.0.0.1:{self.o_admin} }}
@@ -117,15 +117,15 @@ services:
 logging: {{ level: warn }}
 {extra}
 """)
-        p = self.spawn([BIN, "run", "--config", conf], core=0)
+        p = self.spawn([binary, "run", "--config", conf], core=core, env=env)
         wait_port(self.o_http)
         return p
 
-    def start_haproxy(self):
+    def start_haproxy(self, threads=1, core=0):
         self.h_http, self.h_h2, self.h_tcp = free_port(), free_port(), free_port()
-        conf = self.write("haproxy.cfg", f"""
+        conf = self.write(f"haproxy{threads}.cfg", f"""
 global
-  nbthread 1
+  nbthread {threads}
   maxconn 8000
 defaults
   mode http
@@ -148,7 +148,7 @@ backend bt
   mode tcp
   server s1 127.0.0.1:{self.backend}
 """)
-        p = self.spawn(["haproxy", "-f", conf, "-db"], core=0)
+        p = self.spawn(["haproxy", "-f", conf, "-db"], core=core)
         wait_port(self.h_http)
         return p
 
@@ -213,6 +213,25 @@ def measure(env, secs, rounds, rate):
             results[name]["tcp"].append(wrk_rps(t["tcp"], secs))
             print(f"round {r + 1} {name}: {results[name]['rps'][-1]:.0f} req/s, p99 {p99:.0f} us", flush=True)
     return {n: {k: statistics.median(v) if v else None for k, v in m.items()} for n, m in results.items()}
+
+
+def two_threads(env, secs, rounds):
+    """Outrider with 2 worker threads and HAProxy with nbthread 2, both on cores 0-1 (shared
+    with the backend and the load generator: a sidecar given two cores, on a busy node)."""
+    out = {"outrider": {"rps": [], "h2": []}, "haproxy": {"rps": [], "h2": []}}
+    two = {**os.environ, "OUTRIDER_WORKER_THREADS": "2"}
+    for _ in range(rounds):
+        p = env.start_outrider(env=two, core="0,1")
+        out["outrider"]["rps"].append(wrk_rps(env.o_http, secs))
+        out["outrider"]["h2"].append(h2load_rps(env.o_http, secs))
+        p.kill()
+        p.wait(5)
+        h = env.start_haproxy(threads=2, core="0,1")
+        out["haproxy"]["rps"].append(wrk_rps(env.h_http, secs))
+        out["haproxy"]["h2"].append(h2load_rps(env.h_h2, secs))
+        h.kill()
+        h.wait(5)
+    return {n: {k: statistics.median(v) for k, v in m.items()} for n, m in out.items()}
 
 
 def footprint(env):
@@ -288,7 +307,7 @@ def etcd_propagation(env, samples=100):
     return {"p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99) - 1], "max_ms": lat[-1], "samples": samples}
 
 
-def report(res, fp, prop, args):
+def report(res, two, fp, prop, args):
     d, o, h, n = res["direct"], res["outrider"], res["haproxy"], res["nginx"]
     ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
     lines = [
@@ -313,6 +332,10 @@ def report(res, fp, prop, args):
     added = lambda x, k: res[x][k] - d[k]
     lines += ["", "Added latency over direct (µs): " + ", ".join(
         f"{x}: p50 {added(x, 'p50'):+.0f}, p99 {added(x, 'p99'):+.0f}" for x in ("outrider", "haproxy", "nginx")), "",
+        "## Two worker threads (cores 0-1, shared with the backend and load generators)", "",
+        "| figure | Outrider (2 workers) | HAProxy (nbthread 2) | Outrider/HAProxy |", "|---|---|---|---|",
+        f"| HTTP/1.1 keep-alive req/s | {two['outrider']['rps']:,.0f} | {two['haproxy']['rps']:,.0f} | {ratio(two['outrider']['rps'], two['haproxy']['rps'])} |",
+        f"| HTTP/2 h2c req/s | {two['outrider']['h2']:,.0f} | {two['haproxy']['h2']:,.0f} | {ratio(two['outrider']['h2'], two['haproxy']['h2'])} |", "",
         "## Footprint (Outrider)", "",
         f"- start to ready: {fp['start_to_ready_ms']:.1f} ms",
         f"- RSS idle: {fp['rss_idle_kib'] / 1024:.1f} MiB",
@@ -326,12 +349,46 @@ def report(res, fp, prop, args):
     print("\n".join(lines))
 
 
+def ab(args):
+    """Alternating A/B pairs of two Outrider builds (and HAProxy, the yardstick) in one go."""
+    ensure_tools()
+    env = Env()
+    cores = "0" if args.threads == 1 else "0,1"
+    worker_env = {**os.environ, "OUTRIDER_WORKER_THREADS": str(args.threads)}
+    rows = []
+    try:
+        env.start_backend()
+        env.start_haproxy()
+        for pair in range(args.pairs):
+            row = {}
+            for label, binary in (("A", args.ab[0]), ("B", args.ab[1])):
+                p = env.start_outrider(binary=binary, env=worker_env, core=cores)
+                row[label] = (wrk_rps(env.o_http, args.seconds), h2load_rps(env.o_http, args.seconds))
+                p.kill()
+                p.wait(5)
+            row["haproxy"] = (wrk_rps(env.h_http, args.seconds), h2load_rps(env.h_h2, args.seconds))
+            rows.append(row)
+            fmt = lambda t: f"h1 {t[0]:,.0f} h2c {t[1]:,.0f}"
+            print(f"pair {pair + 1}: A {fmt(row['A'])} | B {fmt(row['B'])} | HAProxy {fmt(row['haproxy'])}", flush=True)
+    finally:
+        env.close()
+    med = lambda k, i: statistics.median(r[k][i] for r in rows)
+    for i, name in ((0, "HTTP/1.1 req/s"), (1, "h2c req/s")):
+        print(f"{name}: A {med('A', i):,.0f}, B {med('B', i):,.0f} (B/A {med('B', i) / med('A', i):.2f}), "
+              f"HAProxy {med('haproxy', i):,.0f} (B/HAProxy {med('B', i) / med('haproxy', i):.2f})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=int, default=5000, help="fixed offered rate for the latency test")
+    ap.add_argument("--ab", nargs=2, metavar=("BIN_A", "BIN_B"), help="alternating A/B pairs of two builds")
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="Outrider worker threads (A/B mode)")
     args = ap.parse_args()
+    if args.ab:
+        return ab(args)
     ensure_tools()
     env = Env()
     try:
@@ -340,9 +397,10 @@ def main():
         env.start_haproxy()
         env.start_nginx()
         res = measure(env, args.seconds, args.rounds, args.rate)
+        two = two_threads(env, args.seconds, args.rounds)
         fp = footprint(env)
         prop = etcd_propagation(env)
-        report(res, fp, prop, args)
+        report(res, two, fp, prop, args)
     finally:
         env.close()
 

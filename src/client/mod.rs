@@ -3,11 +3,13 @@
 //!
 //! Owns: the [`Connector`] (TCP with a timeout; TLS origination plugs in here), the
 //! per-endpoint [`Pool`] of idle HTTP/1.1 senders and multiplexed HTTP/2 connections built
-//! on `hyper::client::conn`, and the [`Lease`] a response body holds until its last frame.
+//! on `hyper::client::conn`, the [`Lease`] a response body holds until its last frame, and
+//! the request bodies it sends (`body`: sendable once or replayable across attempts).
 //! Must not: pick endpoints, decide retries, or know about services — a request that a
 //! reused connection could not take (it was closing) is the one thing sent again here, on a
 //! fresh connection, because it provably never left.
 
+pub(crate) mod body;
 mod connect;
 mod pool;
 
@@ -22,7 +24,7 @@ pub(crate) use connect::{ConnectError, Connector};
 pub(crate) use pool::{Lease, Pool};
 
 use crate::config::{ServiceConfig, UpstreamProtocol};
-use crate::proxy::body::UpstreamBody;
+use body::UpstreamBody;
 
 /// How a service's connections are made and kept. Cheap to share; one per service and
 /// settings (a reload that changes them makes a new one, whose pool entries are separate).

@@ -20,10 +20,10 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::body::UpstreamBody;
 use super::{ConnectError, Connector, error_chain};
 use crate::clock::{instant_at, now_ms};
 use crate::config::UpstreamProtocol;
-use crate::proxy::body::UpstreamBody;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when they come back.
 const MAX_IDLE: usize = 128;

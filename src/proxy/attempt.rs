@@ -12,6 +12,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::Upstream;
@@ -27,7 +28,8 @@ pub(crate) struct Attempts<'a> {
     up: &'a Upstream,
     max: u32,
     count: u32,
-    tried: Vec<SocketAddr>,
+    /// Endpoints already tried (inline: no allocation for the usual one or two).
+    tried: SmallVec<[SocketAddr; 4]>,
     deadline: Instant,
 }
 
@@ -47,7 +49,7 @@ impl<'a> Attempts<'a> {
     pub(crate) fn new(up: &'a Upstream, max: u32) -> Attempts<'a> {
         up.budget.record_request();
         let deadline = Instant::now() + up.config.timeouts.request;
-        Attempts { up, max: max.max(1), count: 0, tried: Vec::new(), deadline }
+        Attempts { up, max: max.max(1), count: 0, tried: SmallVec::new(), deadline }
     }
 
     /// Attempts made so far.

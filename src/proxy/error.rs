@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 
-pub(crate) const ERROR_HEADER: &str = "x-outrider-error";
+pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error");
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProxyError {

@@ -14,14 +14,16 @@ use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::Upstream;
 use super::attempt::{Attempts, Verdict};
-use super::body::{Held, Outbound, ProxyBody, RequestBody, UpstreamBody};
+use super::body::{Held, ProxyBody};
 use super::error::ProxyError;
 use super::observe::{Exchange, endpoint_attributes, record_attempt, span_attributes, trace_attempt};
 use super::retry::{self, Outcome};
+use crate::client::body::{Outbound, RequestBody, UpstreamBody};
 use crate::client::{Lease, SendError, error_chain};
 use crate::config::UpstreamProtocol;
 use crate::telemetry::{access, metrics, trace};
@@ -29,7 +31,7 @@ use crate::upstream::InFlight;
 use crate::upstream::breaker::{Admission, Refused};
 
 /// Reports how many attempts a request took (retries are visible to the app).
-pub(crate) const ATTEMPTS_HEADER: &str = "x-outrider-attempts";
+pub(crate) const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-outrider-attempts");
 
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
 pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -321,30 +323,46 @@ fn connection_value_has(v: &HeaderValue, token: &str) -> bool {
 /// Removes the headers that describe one connection rather than the message (RFC 9110
 /// §7.6.1): those named in `Connection`, and the fixed set below. `TE: trailers` is kept
 /// (gRPC needs it). An upgrade puts its own `Connection: upgrade` and `Upgrade` back.
+/// One pass over the names finds what to remove, so a message without any (most) costs
+/// no hash lookups.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    let mut doomed: SmallVec<[HeaderName; 4]> = SmallVec::new();
+    let mut keep_te = false;
+    {
+        // The names `Connection` lists, besides the hop-by-hop ones it usually carries.
+        let mut named: SmallVec<[&str; 4]> = SmallVec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
+            named.extend(
+                tokens.filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")),
+            );
         }
-        headers.remove(header::CONNECTION);
+        for (name, value) in headers.iter() {
+            if name == header::TE {
+                keep_te |= connection_value_has(value, "trailers");
+            }
+            if is_hop_by_hop(name) || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())) {
+                doomed.push(name.clone());
+            }
+        }
     }
-    for name in [header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE] {
+    for name in doomed.iter().rev() {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if let Some(te) = headers.remove(header::TE)
-        && connection_value_has(&te, "trailers")
-    {
+    if keep_te {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    const FIXED: [HeaderName; 5] = [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+    ];
+    FIXED.contains(name) || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection"
 }
 
 /// Splices an upgraded connection (e.g. WebSocket) to the upstream's, byte for byte.

@@ -5,7 +5,7 @@
 //! config — a request reads one [`Upstream`] (one config generation) and keeps it to the end.
 
 mod attempt;
-pub(crate) mod body;
+mod body;
 mod error;
 mod http;
 mod observe;
@@ -20,7 +20,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::Client;
 use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig};
 use crate::discovery::etcd::WatchStatus;
-use crate::server::Acceptor;
+use crate::server::{self, Acceptor};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
@@ -167,20 +166,42 @@ async fn accept_loop(
     tracing::info!(%addr, "listener closed: new connections are refused");
 }
 
-/// Serves HTTP/1.1 and HTTP/2 prior knowledge (h2c, as gRPC clients speak) on one connection.
+/// Serves HTTP/1.1 and HTTP/2 prior knowledge (h2c, as gRPC clients speak) on one
+/// connection, told apart by the HTTP/2 preface.
 async fn serve_http(stream: TcpStream, route: Arc<ArcSwap<Upstream>>, stop: CancellationToken) {
     let service = service_fn(move |req| {
         let up = route.load_full();
         async move { Ok::<_, Infallible>(http::handle(&up, req).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let result = match server::sniff(&stream).await {
+        Ok(server::Protocol::Http2) => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Ok(server::Protocol::Http1) => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!("connection ended before its first request: {e}");
+            return;
         }
     };
     if let Err(e) = result {

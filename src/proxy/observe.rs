@@ -10,9 +10,9 @@ use hyper::body::Incoming;
 use opentelemetry::{Context, KeyValue};
 
 use super::Upstream;
-use super::body::UpstreamBody;
 use super::error::ProxyError;
 use super::retry::Outcome;
+use crate::client::body::UpstreamBody;
 use crate::telemetry::metrics;
 use crate::telemetry::trace::{self, Tracing};
 use crate::upstream::InFlight;

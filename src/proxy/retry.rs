@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 use super::error::ProxyError;
 use crate::config::{Outlier, Retries, RetryOn};
@@ -76,13 +78,14 @@ impl<B> Outcome<B> {
 
 /// A trailers-only gRPC response (status in the headers) saying UNAVAILABLE (14).
 fn grpc_unavailable(headers: &HeaderMap) -> bool {
-    headers.get("grpc-status").is_some_and(|v| v == "14")
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    headers.get(GRPC_STATUS).is_some_and(|v| v == "14")
 }
 
 /// Whether a request may be sent again after it may have reached the upstream.
 pub(crate) fn safe_to_repeat(method: &Method, headers: &HeaderMap, policy: &Retries) -> bool {
     policy.non_idempotent
-        || headers.contains_key("idempotency-key")
+        || headers.contains_key(IDEMPOTENCY_KEY)
         || matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE

@@ -9,8 +9,8 @@
 //! Must not: await, lock or allocate on the pick and report paths — requests only do atomics
 //! and a non-blocking wake of the owner; know where endpoints come from.
 
-pub(crate) mod breaker;
-pub(crate) mod budget;
+pub mod breaker;
+pub mod budget;
 pub(crate) mod health;
 pub(crate) mod outlier;
 mod pick;
@@ -36,13 +36,16 @@ use outlier::{Change, Ejection, Health};
 use pick::Picker;
 
 /// Runtime state of one endpoint, shared by every snapshot that contains its address.
+/// `repr(C)`, hot fields first: what a pick reads and writes (in-flight count, health) shares
+/// one cache line with the `Arc`'s counts, which matters at thousands of endpoints.
 #[derive(Debug)]
+#[repr(C)]
 pub struct EndpointState {
+    in_flight: AtomicUsize,
+    pub(crate) health: Health,
     pub addr: SocketAddr,
     /// `addr` as a URI authority, built once so requests do not format it.
     pub(crate) authority: Authority,
-    in_flight: AtomicUsize,
-    pub(crate) health: Health,
     /// Attempts sent here, by method and status class (for `/metrics`).
     pub(crate) requests: Matrix,
     /// Connections to this endpoint.

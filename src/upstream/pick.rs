@@ -9,10 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::Endpoint;
 use crate::config::Policy;
 
-/// Above this many `weight × endpoints` steps the exact smooth schedule is too costly to build
-/// on each update; a golden-ratio stride over the weight line is used instead (same exact
-/// shares per period, well spread, O(log n) per pick).
-const SCHEDULE_BUDGET: u64 = 4_000_000;
+/// Up to this many `weight × endpoints` steps nginx's smooth schedule is built as is (O(n)
+/// per entry); above it, a fair-queuing schedule of the same period built with a heap
+/// (O(log n) per entry) — both give O(1) picks.
+const SMOOTH_BUDGET: u64 = 4_000_000;
+/// Periods longer than this (in entries, 4 bytes each) are not unrolled; a golden-ratio
+/// stride over the weight line is used instead (same exact shares per period, well
+/// spread, O(log n) per pick).
+const SCHEDULE_MAX: u64 = 1 << 20;
 
 /// At or below this many endpoints least-request scans them all instead of sampling two.
 const SCAN_ALL: usize = 8;
@@ -68,8 +72,11 @@ fn weighted(endpoints: &[Endpoint]) -> Picker {
     }
     let weights: Vec<u64> = endpoints.iter().map(|e| u64::from(e.weight) / g).collect();
     let total: u64 = weights.iter().sum();
-    if total.saturating_mul(weights.len() as u64) <= SCHEDULE_BUDGET {
+    if total.saturating_mul(weights.len() as u64) <= SMOOTH_BUDGET {
         return Picker::Schedule(smooth_schedule(&weights, total));
+    }
+    if total <= SCHEDULE_MAX {
+        return Picker::Schedule(fair_schedule(&weights, total));
     }
     let cumulative = weights
         .iter()
@@ -96,6 +103,46 @@ fn smooth_schedule(weights: &[u64], total: u64) -> Box<[u32]> {
             }
             credit[best] -= total as i64;
             best as u32
+        })
+        .collect()
+}
+
+/// One period of weighted fair queuing: endpoint `i`'s `k`-th turn is due at virtual time
+/// `(k + ½) / w_i`; turns are taken in due order (ties by index). Each endpoint gets exactly
+/// its weight's share, spread evenly over the period.
+fn fair_schedule(weights: &[u64], total: u64) -> Box<[u32]> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // Due times compared exactly as fractions (2k + 1) / (2w), by cross-multiplication.
+    #[derive(PartialEq, Eq)]
+    struct Due {
+        num: u64,
+        den: u64,
+        index: u32,
+    }
+    impl Ord for Due {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            (u128::from(self.num) * u128::from(o.den))
+                .cmp(&(u128::from(o.num) * u128::from(self.den)))
+                .then(self.index.cmp(&o.index))
+        }
+    }
+    impl PartialOrd for Due {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    let mut heap: BinaryHeap<Reverse<Due>> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| Reverse(Due { num: 1, den: 2 * w, index: i as u32 }))
+        .collect();
+    (0..total)
+        .map(|_| {
+            let Some(Reverse(due)) = heap.pop() else { return 0 };
+            let index = due.index;
+            heap.push(Reverse(Due { num: due.num + 2, ..due }));
+            index
         })
         .collect()
 }
@@ -166,10 +213,35 @@ mod tests {
     }
 
     #[test]
+    fn fair_schedule_gives_exact_spread_shares_for_many_weighted_endpoints() {
+        let weights: Vec<u32> = (0..10_000).map(|i| 1 + (i % 5) as u32).collect();
+        let eps = endpoints(&weights);
+        let picker = Picker::build(Policy::WeightedRoundRobin, &eps);
+        let Picker::Schedule(s) = &picker else { panic!("expected a schedule") };
+        assert_eq!(s.len(), 30_000);
+        let mut counts = vec![0u32; eps.len()];
+        let mut last = vec![None; eps.len()];
+        let mut max_gap = vec![0usize; eps.len()];
+        for (pos, &i) in s.iter().enumerate() {
+            let i = i as usize;
+            counts[i] += 1;
+            if let Some(prev) = last[i] {
+                max_gap[i] = max_gap[i].max(pos - prev);
+            }
+            last[i] = Some(pos);
+        }
+        assert!(counts.iter().zip(&weights).all(|(c, w)| c == w), "shares are exact");
+        // Evenly spread: a weight-5 endpoint recurs about every 30,000 / 5 = 6,000 picks
+        // (± the endpoints due at the same moment, taken in index order).
+        let worst = (0..weights.len()).filter(|i| weights[*i] == 5).map(|i| max_gap[i]).max().unwrap();
+        assert!(worst <= 2 * 6_000, "a weight-5 endpoint waited {worst} picks");
+    }
+
+    #[test]
     fn stride_gives_exact_shares_for_large_weight_sums() {
         let mut weights = vec![1000u32; 4000];
         weights[0] = 60_000;
-        weights[1] = 1;
+        weights[1] = 1; // total over 4M: no schedule is unrolled
         let eps = endpoints(&weights);
         let picker = Picker::build(Policy::WeightedRoundRobin, &eps);
         let Picker::Stride { cumulative, .. } = &picker else { panic!("expected stride") };

@@ -165,7 +165,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::proxy::body::{Outbound, RequestBody};
+    use crate::client::body::{Outbound, RequestBody};
 
     #[derive(Debug)]
     struct Broken(bool);
