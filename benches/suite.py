@@ -344,8 +344,15 @@ def report(res, two, fp, prop, args):
         "", "## etcd put → first request routed", "",
         f"- {prop['samples']} samples: p50 {prop['p50_ms']:.1f} ms, p99 {prop['p99_ms']:.1f} ms, max {prop['max_ms']:.1f} ms "
         "(measured from `etcdctl put` returning to the first response from the new endpoint; includes one HTTP round trip per poll)", ""]
-    with open(os.path.join(ROOT, "benches", "RESULTS.md"), "w") as f:
-        f.write("\n".join(lines))
+    path = os.path.join(ROOT, "benches", "RESULTS.md")
+    # Everything from "## History" on is kept: earlier runs and the A/B record of changes.
+    history = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        if "\n## History" in old:
+            history = old[old.index("\n## History"):]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + history)
     print("\n".join(lines))
 
 
