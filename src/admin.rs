@@ -11,29 +11,33 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::server::Acceptor;
+use crate::server::{self, Acceptor, Tracked};
 
-/// Serves the admin API on an already bound socket until `stop` is cancelled.
+/// Serves the admin API on an already bound socket until `stop` is cancelled, under the
+/// admin port's own limits (connections, header timeout, head size).
 pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
-    let mut acceptor = Acceptor::new(socket, "admin");
-    while let Some((stream, peer)) = acceptor.next(&stop).await {
-        let app = app.clone();
+    let limits = app.config().admin.limits.clone();
+    let metrics = app.admin_metrics().clone();
+    let mut acceptor = Acceptor::new(socket, "admin", metrics.clone());
+    while let Some((stream, peer, slot)) = acceptor.next(&stop, limits.max_connections).await {
+        let (app, limits, metrics, stop) = (app.clone(), limits.clone(), metrics.clone(), stop.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(route(&app, req, peer).await) }
-            });
-            let conn =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!("admin connection ended: {e}");
-            }
+            server::serve(stream, false, &limits, &metrics, &stop, |activity| {
+                service_fn(move |req| {
+                    let guard = activity.begin();
+                    let app = app.clone();
+                    async move {
+                        Ok::<_, Infallible>(route(&app, req, peer).await.map(|b| Tracked::new(b, guard)))
+                    }
+                })
+            })
+            .await;
+            drop(slot);
         });
     }
 }

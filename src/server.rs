@@ -1,28 +1,66 @@
-//! Inbound connections, shared by proxy listeners and the admin port: accepting without
-//! spinning when the process runs out of file descriptors, and telling HTTP/2 prior
-//! knowledge from HTTP/1.1 on a new connection.
+//! Inbound connections, shared by proxy listeners and the admin port: accepting (with a cap,
+//! and without spinning when the process runs out of file descriptors), telling HTTP/2 prior
+//! knowledge from HTTP/1.1, and the limits a peer cannot exceed — time to send a request
+//! head, idle time, head size, header count, transfer codings.
 //!
-//! Owns: the accept loop's error handling (backoff, a rate-limited log line) and protocol
-//! sniffing. Must not: know what is served on a connection.
+//! Owns: the accept loop, the connection watchdog ([`Activity`]) and the per-socket counters
+//! ([`InboundMetrics`]). Must not: know what is served on a connection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use http::{HeaderMap, Request, Response, Version, header};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::InboundLimits;
+use crate::telemetry::metrics::inc;
+
 /// Backoff after a failed `accept` (usually EMFILE): doubles from the first to the last.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
-/// At most one "accept failed" line per this long; the lines in between are counted.
+/// At most one warning of a kind per this long; the ones in between are counted.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// Accepts from a socket; errors back off and are logged at most once a second.
+/// Counters of one inbound socket (a listener or the admin port), kept across reloads.
+#[derive(Debug, Default)]
+pub struct InboundMetrics {
+    pub accepted: AtomicU64,
+    pub open: AtomicUsize,
+    /// Closed at once: `max_connections` were already open.
+    pub over_capacity: AtomicU64,
+    pub header_timeouts: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    /// Answered 431: head over `max_header_bytes` or more than `max_headers` fields.
+    pub heads_too_large: AtomicU64,
+    /// Answered 501: a transfer coding other than chunked.
+    pub unsupported_codings: AtomicU64,
+}
+
+/// Accepts from a socket: errors back off, connections over the cap are closed at once, and
+/// both are logged at most once a second.
 #[derive(Debug)]
 pub(crate) struct Acceptor {
     socket: TcpListener,
-    what: &'static str,
+    what: String,
+    metrics: Arc<InboundMetrics>,
     failures: u32,
+    errors: Throttle,
+    refusals: Throttle,
+}
+
+/// Holds one place under the connection cap until dropped.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<InboundMetrics>);
+
+/// A log line at most once per `LOG_EVERY`, counting the ones it held back.
+#[derive(Debug, Default)]
+struct Throttle {
     suppressed: u64,
     logged: Option<Instant>,
 }
@@ -30,49 +68,87 @@ pub(crate) struct Acceptor {
 // === impl Acceptor ===
 
 impl Acceptor {
-    pub(crate) fn new(socket: TcpListener, what: &'static str) -> Acceptor {
-        Acceptor { socket, what, failures: 0, suppressed: 0, logged: None }
+    pub(crate) fn new(socket: TcpListener, what: &str, metrics: Arc<InboundMetrics>) -> Acceptor {
+        Acceptor {
+            socket,
+            what: what.to_string(),
+            metrics,
+            failures: 0,
+            errors: Throttle::default(),
+            refusals: Throttle::default(),
+        }
     }
 
     pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
-    /// The next connection, or `None` once `stop` is cancelled.
-    pub(crate) async fn next(&mut self, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+    /// The next connection within `max` open ones, or `None` once `stop` is cancelled.
+    pub(crate) async fn next(
+        &mut self,
+        stop: &CancellationToken,
+        max: u32,
+    ) -> Option<(TcpStream, SocketAddr, Slot)> {
         loop {
             let result = tokio::select! {
                 () = stop.cancelled() => return None,
                 r = self.socket.accept() => r,
             };
-            match result {
-                Ok(conn) => {
-                    self.failures = 0;
-                    return Some(conn);
-                }
+            let (stream, peer) = match result {
+                Ok(conn) => conn,
                 Err(e) => {
-                    self.failed(&e);
+                    self.failures = self.failures.saturating_add(1);
                     let delay = backoff(self.failures);
+                    if let Some(suppressed) = self.errors.allow() {
+                        tracing::warn!(what = %self.what, suppressed, retry_in = ?delay, "accept failed: {e}");
+                    }
                     tokio::select! {
                         () = stop.cancelled() => return None,
                         () = tokio::time::sleep(delay) => {}
                     }
+                    continue;
                 }
+            };
+            self.failures = 0;
+            inc(&self.metrics.accepted);
+            if self.metrics.open.fetch_add(1, Ordering::AcqRel) >= max as usize {
+                self.metrics.open.fetch_sub(1, Ordering::AcqRel);
+                inc(&self.metrics.over_capacity);
+                if let Some(suppressed) = self.refusals.allow() {
+                    tracing::warn!(what = %self.what, %peer, max, suppressed, "connection refused: max_connections open");
+                }
+                continue; // dropping the stream closes it
             }
+            return Some((stream, peer, Slot(self.metrics.clone())));
         }
     }
+}
 
-    fn failed(&mut self, e: &std::io::Error) {
-        self.failures = self.failures.saturating_add(1);
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// === impl Throttle ===
+
+impl Throttle {
+    /// `Some(suppressed since the last line)` when a line may be logged now.
+    fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self.logged.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
             self.suppressed += 1;
-            return;
+            return None;
         }
-        let (what, suppressed) = (self.what, std::mem::take(&mut self.suppressed));
-        tracing::warn!(what, suppressed, retry_in = ?backoff(self.failures), "accept failed: {e}");
         self.logged = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
+}
+
+/// The pause after the `failures`-th consecutive accept error.
+fn backoff(failures: u32) -> Duration {
+    let (first, last) = ACCEPT_BACKOFF;
+    first.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(last)
 }
 
 /// What a new connection speaks.
@@ -102,15 +178,119 @@ pub(crate) async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
     }
 }
 
-/// The pause after the `failures`-th consecutive accept error.
-fn backoff(failures: u32) -> Duration {
-    let (first, last) = ACCEPT_BACKOFF;
-    first.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(last)
+mod watchdog;
+
+pub(crate) use watchdog::{Activity, Tracked};
+use watchdog::{Expired, Watched, supervise};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves one HTTP connection — HTTP/2 prior knowledge or HTTP/1.1 (with upgrades) — under
+/// `limits`, until it ends, a limit expires, or `stop` (then gracefully). `service` is built
+/// with the connection's [`Activity`]: it must call [`Activity::begin`] per request and
+/// return the guard inside the response body ([`Tracked`]).
+pub(crate) async fn serve<S, B>(
+    stream: TcpStream,
+    http2: bool,
+    limits: &InboundLimits,
+    metrics: &InboundMetrics,
+    stop: &CancellationToken,
+    service: impl FnOnce(Arc<Activity>) -> S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let protocol = match tokio::time::timeout(limits.header_read_timeout, sniff(&stream)).await {
+        Ok(Ok(p)) if http2 || p == Protocol::Http1 => p,
+        Ok(Ok(_)) => Protocol::Http1, // HTTP/1.1 only here: hyper answers the preface 400
+        Ok(Err(e)) => return tracing::debug!("connection ended before its first request: {e}"),
+        Err(_) => return inc(&metrics.header_timeouts),
+    };
+    let activity = Activity::new(protocol);
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let service = service(activity.clone());
+    let result = match protocol {
+        Protocol::Http2 => {
+            // Twice the limit here: requests are checked against the exact limit (and counted)
+            // by `check_head`; this bounds the memory a head can take before that.
+            let list = u32::try_from(2 * limits.max_header_bytes).unwrap_or(u32::MAX);
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_header_list_size(list)
+                .serve_connection(io, service);
+            tokio::pin!(conn);
+            supervise(conn.as_mut(), |c| c.graceful_shutdown(), &activity, limits, stop).await
+        }
+        Protocol::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_headers(limits.max_headers)
+                .max_header_size(limits.max_header_bytes)
+                .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            supervise(conn.as_mut(), |c| c.graceful_shutdown(), &activity, limits, stop).await
+        }
+    };
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_parse_too_large() => inc(&metrics.heads_too_large),
+        Ok(Err(e)) => tracing::debug!("connection ended: {e}"),
+        Err(Expired::HeaderTimeout) => inc(&metrics.header_timeouts),
+        Err(Expired::IdleTimeout) => inc(&metrics.idle_timeouts),
+    }
+}
+
+/// Why a request head is refused before it reaches a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// 431: over `max_header_bytes` or `max_headers`.
+    TooLarge,
+    /// 501: a transfer coding other than chunked (RFC 9112 §6.1).
+    UnsupportedCoding,
+}
+
+/// Checks what hyper leaves to us: HTTP/2 head size and header count (HTTP/1.1 heads are
+/// bounded by hyper with the same limits), and HTTP/1.1 transfer codings. (A request with both
+/// Transfer-Encoding and Content-Length reaches us without the latter: hyper drops it, as
+/// RFC 9112 §6.3 asks of an intermediary, and closes the connection after the response.)
+pub(crate) fn check_head<B>(req: &Request<B>, limits: &InboundLimits) -> Result<(), HeadError> {
+    let headers = req.headers();
+    if headers.len() > limits.max_headers {
+        return Err(HeadError::TooLarge);
+    }
+    if req.version() == Version::HTTP_2 {
+        // The decoded header list as SETTINGS_MAX_HEADER_LIST_SIZE counts it (32 per field).
+        let size: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
+        if size > limits.max_header_bytes {
+            return Err(HeadError::TooLarge);
+        }
+        return Ok(());
+    }
+    framing(headers)
+}
+
+fn framing(headers: &HeaderMap) -> Result<(), HeadError> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let codings = headers.get_all(header::TRANSFER_ENCODING).iter().flat_map(|v| {
+        let text = v.to_str().unwrap_or("\u{0}");
+        text.split(',').map(|c| c.trim().to_ascii_lowercase()).collect::<Vec<_>>()
+    });
+    if codings.collect::<Vec<_>>() != ["chunked"] {
+        return Err(HeadError::UnsupportedCoding);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LISTENER_LIMITS;
 
     #[tokio::test]
     async fn sniffs_the_http2_preface_without_consuming_it() {
@@ -144,5 +324,35 @@ mod tests {
     fn backoff_doubles_up_to_a_second() {
         let seen: Vec<_> = [1, 2, 3, 8, 9, 40].into_iter().map(|n| backoff(n).as_millis()).collect();
         assert_eq!(seen, [5, 10, 20, 640, 1000, 1000]);
+    }
+
+    fn head(version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut req = Request::builder().version(version);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_refused() {
+        let ok = head(Version::HTTP_11, &[("transfer-encoding", "chunked")]);
+        assert_eq!(check_head(&ok, &LISTENER_LIMITS), Ok(()));
+        for te in ["identity, chunked", "gzip, chunked", "chunked, chunked", "chunked, gzip", "x-custom"] {
+            let req = head(Version::HTTP_11, &[("transfer-encoding", te)]);
+            assert_eq!(check_head(&req, &LISTENER_LIMITS), Err(HeadError::UnsupportedCoding), "{te}");
+        }
+    }
+
+    #[test]
+    fn http2_heads_are_bounded_by_size_and_count() {
+        let limits = InboundLimits { max_header_bytes: 1024, max_headers: 3, ..LISTENER_LIMITS };
+        let big = "x".repeat(1000);
+        let req = head(Version::HTTP_2, &[("x-big", &big)]);
+        assert_eq!(check_head(&req, &limits), Err(HeadError::TooLarge));
+        let many = head(Version::HTTP_2, &[("a", "1"), ("b", "1"), ("c", "1"), ("d", "1")]);
+        assert_eq!(check_head(&many, &limits), Err(HeadError::TooLarge));
+        let fine = head(Version::HTTP_2, &[("a", "1"), ("b", "1")]);
+        assert_eq!(check_head(&fine, &limits), Ok(()));
     }
 }

@@ -209,3 +209,30 @@ fn a_changed_etcd_password_changes_the_hash() {
     assert_eq!(old.to_json(), new.to_json(), "the password is redacted in the effective config");
     assert_ne!(old.hash(), new.hash(), "rotating the password must be a reload, not a no-op");
 }
+
+#[test]
+fn inbound_limits_have_the_documented_defaults_and_ranges() {
+    let config = Config::parse_with_env(BASE, HashMap::new()).unwrap();
+    let l = &config.listeners[0].limits;
+    assert_eq!(
+        (
+            l.max_connections,
+            l.header_read_timeout.as_secs(),
+            l.idle_timeout.as_secs(),
+            l.max_header_bytes,
+            l.max_headers
+        ),
+        (10_000, 10, 300, 61_440, 100)
+    );
+    let a = &config.admin.limits;
+    assert_eq!((a.max_connections, a.max_header_bytes, a.max_headers), (128, 16_384, 100));
+    let yaml = BASE.replace(
+        "    service: payments\n",
+        "    service: payments\n    limits: { max_connections: 0, header_read_timeout: 1h, max_header_bytes: 10, max_headers: 5000 }\n",
+    );
+    let all = problems(&yaml);
+    assert_problem(&all, "listeners[0].limits.max_connections", 5, "between 1 and 1000000");
+    assert_problem(&all, "listeners[0].limits.header_read_timeout", 5, "out of range");
+    assert_problem(&all, "listeners[0].limits.max_header_bytes", 5, "between 1024 and 1048576");
+    assert_problem(&all, "listeners[0].limits.max_headers", 5, "between 1 and 1000");
+}

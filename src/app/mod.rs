@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::proxy::{Listener, Upstream};
 use crate::register::Registrar;
+use crate::server::InboundMetrics;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
@@ -67,6 +68,8 @@ struct Inner {
     runtime: ArcSwap<Runtime>,
     /// Held across a whole reload, so reloads apply one at a time.
     listeners: Mutex<Vec<Listener>>,
+    /// Counters of every inbound socket (listeners by name, and `admin`), for `/metrics`.
+    inbound: ArcSwap<Vec<(String, Arc<InboundMetrics>)>>,
     /// Configured listeners that could not be (re)bound on the last reload: not ready.
     unbound: std::sync::Mutex<Vec<String>>,
     discoveries: Mutex<HashMap<String, ServiceTasks>>,
@@ -75,6 +78,7 @@ struct Inner {
     status: watch::Sender<Status>,
     config_path: Option<PathBuf>,
     admin_addr: SocketAddr,
+    admin_metrics: Arc<InboundMetrics>,
     /// Connection and accept-loop tasks; shutdown waits on them.
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
@@ -118,6 +122,7 @@ impl App {
             inner: Arc::new(Inner {
                 runtime: ArcSwap::from_pointee(runtime),
                 listeners: Mutex::new(listeners),
+                inbound: ArcSwap::from_pointee(Vec::new()),
                 unbound: std::sync::Mutex::new(Vec::new()),
                 discoveries: Mutex::new(discoveries),
                 registrar: Mutex::new(None),
@@ -125,6 +130,7 @@ impl App {
                 status: watch::Sender::new(status),
                 config_path,
                 admin_addr,
+                admin_metrics: Arc::default(),
                 tracker,
                 stop_accepting,
                 shutdown_requested: CancellationToken::new(),
@@ -133,6 +139,7 @@ impl App {
                 finished: CancellationToken::new(),
             }),
         };
+        app.set_inbound(&app.inner.listeners.lock().await);
         app.set_registration(&app.runtime().config).await;
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(admin_socket, app.clone(), admin_stop.clone()));
@@ -156,6 +163,11 @@ impl App {
         Some(self.runtime().upstreams.get(service)?.balancer.clone())
     }
 
+    /// What `/metrics` would answer now (Prometheus text).
+    pub fn metrics_text(&self) -> String {
+        crate::telemetry::expose::render(self)
+    }
+
     /// A service's request counters, kept across reloads.
     pub fn service_metrics(&self, service: &str) -> Option<Arc<ServiceMetrics>> {
         Some(self.runtime().upstreams.get(service)?.metrics.clone())
@@ -167,6 +179,24 @@ impl App {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.inner.admin_addr
+    }
+
+    /// Counters of every inbound socket: the listeners by name, then `admin`.
+    pub(crate) fn inbound_metrics(&self) -> Arc<Vec<(String, Arc<InboundMetrics>)>> {
+        self.inner.inbound.load_full()
+    }
+
+    /// Records which listeners serve now (after start and every reload).
+    fn set_inbound(&self, listeners: &[Listener]) {
+        let mut all: Vec<_> =
+            listeners.iter().map(|l| (l.config.name.clone(), l.front.metrics.clone())).collect();
+        all.push(("admin".to_string(), self.inner.admin_metrics.clone()));
+        self.inner.inbound.store(Arc::new(all));
+    }
+
+    /// The admin port's connection counters.
+    pub(crate) fn admin_metrics(&self) -> &Arc<InboundMetrics> {
+        &self.inner.admin_metrics
     }
 
     /// The bound address of a listener (useful when the config says port 0).

@@ -129,8 +129,7 @@ impl App {
                 .find(|l| l.bind == old.config.bind && l.protocol == old.config.protocol);
             match same {
                 Some(l) => {
-                    old.route.store(upstreams[&l.service].clone());
-                    old.config = l.clone();
+                    old.update(l, upstreams[&l.service].clone());
                     next.push(old);
                 }
                 None => old.stop(),
@@ -160,6 +159,7 @@ impl App {
             .map(|l| l.name.clone())
             .collect();
         *self.inner.unbound.lock().unwrap_or_else(|e| e.into_inner()) = unbound;
+        self.set_inbound(&next);
         *listeners = next;
     }
 }

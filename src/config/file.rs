@@ -121,6 +121,7 @@ pub struct ServiceEtcdFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub bind: Option<String>,
+    pub limits: Option<super::inbound::LimitsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +139,7 @@ pub struct ListenerFile {
     #[serde(default)]
     pub protocol: ListenerProtocol,
     pub service: String,
+    pub limits: Option<super::inbound::LimitsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]

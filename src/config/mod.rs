@@ -7,6 +7,7 @@
 
 mod etcd;
 mod file;
+mod inbound;
 mod locate;
 mod resilience;
 mod services;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use inbound::{ADMIN_LIMITS, InboundLimits, LISTENER_LIMITS};
 pub use resilience::*;
 pub use telemetry::*;
 pub use validate::{Problem, defaults};
@@ -109,6 +111,7 @@ fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    pub limits: InboundLimits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -127,6 +130,8 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub protocol: ListenerProtocol,
     pub service: String,
+    /// TCP listeners use `max_connections` only.
+    pub limits: InboundLimits,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,6 +135,7 @@ impl Validator {
     fn config(&mut self, f: File) -> Config {
         let admin = AdminConfig {
             bind: self.addr("admin.bind", f.admin.bind.as_deref().unwrap_or(defaults::ADMIN_BIND)),
+            limits: self.limits("admin.limits", f.admin.limits, &ADMIN_LIMITS),
         };
         let shutdown = ShutdownConfig {
             drain_window: self.duration(
@@ -249,6 +250,7 @@ impl Validator {
         }
         ListenerConfig {
             bind: self.addr(&join_key(path, "bind"), &l.bind),
+            limits: self.limits(&join_key(path, "limits"), l.limits, &LISTENER_LIMITS),
             name: l.name,
             protocol: l.protocol,
             service: l.service,

@@ -57,6 +57,23 @@ pub(crate) enum WatchError {
     Ended(String),
 }
 
+impl WatchError {
+    /// The failure was reaching etcd (transport, unavailable, timeout), not what it answered.
+    fn is_connectivity(&self) -> bool {
+        match self {
+            WatchError::Timeout(_) => true,
+            WatchError::Etcd(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
+            WatchError::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The persisted last-known-good set of one service.
 #[derive(Debug, Serialize, Deserialize)]
 struct Snapshot {
@@ -129,7 +146,7 @@ impl Watch {
             tracing::warn!(service = %self.service, retry_in = ?delay, "etcd watch failed, keeping the last known endpoints: {e}");
             tokio::select! {
                 () = stop.cancelled() => return,
-                back = wait_for_retry(&self.cluster, delay) => if back {
+                back = wait_for_retry(&self.cluster, delay, e.is_connectivity()) => if back {
                     tracing::info!(service = %self.service, "etcd is reachable again: reconnecting now");
                     attempt = 0;
                 },
@@ -320,11 +337,13 @@ fn tls_options(tls: &crate::config::EtcdTls) -> Result<etcd_client::TlsOptions, 
 /// `PROBE_EVERY` a plain TCP connect (no TLS, no gRPC — nothing etcd has to serve) checks
 /// whether an endpoint that refused connections accepts them again. So a long outage, whose
 /// backoff has grown to its cap, is followed by a reconnect within a probe interval, while a
-/// down etcd sees only SYNs. True when it ended early (reset the backoff: etcd may still be
-/// starting up, so the next attempts should be quick).
-async fn wait_for_retry(cluster: &EtcdConfig, delay: Duration) -> bool {
+/// down etcd sees only SYNs. After a connectivity failure, an etcd that accepts connections
+/// at the first probe counts as back too (it returned while we were failing). True when it
+/// ended early (reset the backoff: etcd may still be starting up, so the next attempts
+/// should be quick).
+async fn wait_for_retry(cluster: &EtcdConfig, delay: Duration, connectivity: bool) -> bool {
     let deadline = tokio::time::Instant::now() + delay;
-    let mut was_down = !reachable(cluster).await;
+    let mut was_down = connectivity || !reachable(cluster).await;
     loop {
         let jitter = PROBE_EVERY.mul_f64(0.5 + fastrand::f64() / 2.0);
         tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + jitter)).await;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::server::HeadError;
 
 pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error");
 
@@ -29,6 +30,8 @@ pub(crate) enum ProxyError {
     ClientBody { aborted: bool, detail: String },
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("{}", head_message(*.0))]
+    Head(HeadError),
     #[error("rate limit of service {0} exceeded")]
     RateLimited(Arc<str>, Duration),
     #[error("circuit breaker of service {0} is open: failing fast")]
@@ -48,6 +51,8 @@ impl ProxyError {
             }
             ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody { .. } | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Head(HeadError::TooLarge) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Head(HeadError::UnsupportedCoding) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::CircuitOpen(_) | ProxyError::Overloaded(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -64,6 +69,8 @@ impl ProxyError {
             ProxyError::ClientBody { aborted: true, .. } => "client_aborted",
             ProxyError::ClientBody { aborted: false, .. } => "bad_request_body",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Head(HeadError::TooLarge) => "headers_too_large",
+            ProxyError::Head(HeadError::UnsupportedCoding) => "unsupported_transfer_coding",
             ProxyError::RateLimited(..) => "rate_limited",
             ProxyError::CircuitOpen(_) => "circuit_open",
             ProxyError::Overloaded(..) => "overloaded",
@@ -83,7 +90,7 @@ impl ProxyError {
     /// The client's doing, not the upstream's: never counted against an endpoint or the
     /// service, never retried.
     pub(crate) fn is_client_fault(&self) -> bool {
-        matches!(self, ProxyError::ClientBody { .. } | ProxyError::BadRequest(_))
+        matches!(self, ProxyError::ClientBody { .. } | ProxyError::BadRequest(_) | ProxyError::Head(_))
     }
 
     pub(crate) fn into_response(self) -> Response<ProxyBody> {
@@ -98,5 +105,12 @@ impl ProxyError {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+fn head_message(e: HeadError) -> &'static str {
+    match e {
+        HeadError::TooLarge => "request head too large (max_header_bytes or max_headers of the listener)",
+        HeadError::UnsupportedCoding => "transfer coding not implemented: only chunked is accepted",
     }
 }

@@ -17,15 +17,16 @@ use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use super::Upstream;
 use super::attempt::{Attempts, Verdict};
 use super::body::{Held, ProxyBody};
 use super::error::ProxyError;
 use super::observe::{Exchange, endpoint_attributes, record_attempt, span_attributes, trace_attempt};
 use super::retry::{self, Outcome};
+use super::{Front, Upstream};
 use crate::client::body::{Outbound, RequestBody, UpstreamBody};
 use crate::client::{Lease, SendError, error_chain};
 use crate::config::UpstreamProtocol;
+use crate::server::{self, HeadError};
 use crate::telemetry::{access, metrics, trace};
 use crate::upstream::InFlight;
 use crate::upstream::breaker::{Admission, Refused};
@@ -34,7 +35,7 @@ use crate::upstream::breaker::{Admission, Refused};
 pub(crate) const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-outrider-attempts");
 
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
-pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>, front: &Front) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone(); // shares the bytes: no allocation
@@ -43,7 +44,11 @@ pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<Pr
     });
     let mut ex = Exchange::new(trace, &method);
     let mut reason = None;
-    let mut resp = match forward(up, req, &mut ex).await {
+    let result = match check_head(&req, front) {
+        Ok(()) => forward(up, req, &mut ex).await,
+        Err(e) => Err(e),
+    };
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             let endpoint = e.endpoint().map(|a| a.to_string()).unwrap_or_default();
@@ -83,6 +88,19 @@ pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>) -> Response<Pr
         });
     }
     resp
+}
+
+/// What hyper leaves to us about a request head (size and count for HTTP/2, transfer codings
+/// for HTTP/1.1); refusals are counted per listener.
+fn check_head(req: &Request<Incoming>, front: &Front) -> Result<(), ProxyError> {
+    server::check_head(req, &front.limits()).map_err(|e| {
+        let m = &front.metrics;
+        metrics::inc(match e {
+            HeadError::TooLarge => &m.heads_too_large,
+            HeadError::UnsupportedCoding => &m.unsupported_codings,
+        });
+        ProxyError::Head(e)
+    })
 }
 
 /// Admission (rate limit, breaker), then attempts until one answers or no retry is allowed.
@@ -232,7 +250,7 @@ async fn upgrade(
         Outcome::Response(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             admission.record(true);
             let upstream = hyper::upgrade::on(&mut resp);
-            up.tasks.spawn(tunnel(downstream, upstream, endpoint));
+            up.tasks.spawn(tunnel(downstream, upstream, endpoint, up.config.timeouts.tcp_idle));
             let (parts, _) = resp.into_parts();
             Ok(Response::from_parts(parts, ProxyBody::empty()))
         }
@@ -365,18 +383,22 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     FIXED.contains(name) || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection"
 }
 
-/// Splices an upgraded connection (e.g. WebSocket) to the upstream's, byte for byte.
+/// Splices an upgraded connection (e.g. WebSocket) to the upstream's, byte for byte, until
+/// both sides close or nothing moves for `idle` (the service's `tcp_idle`).
 async fn tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     in_flight: InFlight,
+    idle: std::time::Duration,
 ) {
     let addr = in_flight.addr();
     match tokio::try_join!(downstream, upstream) {
         Ok((d, u)) => {
             let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                tracing::debug!(endpoint = %addr, "upgraded connection ended: {e}");
+            match super::tcp::copy_until_idle(&mut d, &mut u, idle).await {
+                Ok(Some(_)) => {}
+                Ok(None) => tracing::debug!(endpoint = %addr, "upgraded connection idle: closed"),
+                Err(e) => tracing::debug!(endpoint = %addr, "upgraded connection ended: {e}"),
             }
         }
         Err(e) => tracing::warn!(endpoint = %addr, "upgrade failed: {e}"),

@@ -19,15 +19,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::Client;
-use crate::config::{ListenerConfig, ListenerProtocol, ServiceConfig};
+use crate::config::{InboundLimits, ListenerConfig, ListenerProtocol, ServiceConfig};
 use crate::discovery::etcd::WatchStatus;
-use crate::server::{self, Acceptor};
+use crate::server::{self, Acceptor, InboundMetrics, Slot, Tracked};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
@@ -66,13 +65,23 @@ pub(crate) struct Shared<'a> {
     pub(crate) watch: Option<Arc<WatchStatus>>,
 }
 
-/// A bound listener's accept loop; its route is swapped on reload without rebinding.
+/// A bound listener's accept loop; its route and limits are swapped on reload without
+/// rebinding.
 #[derive(Debug)]
-pub struct Listener {
-    pub config: ListenerConfig,
-    pub local_addr: SocketAddr,
-    pub route: Arc<ArcSwap<Upstream>>,
+pub(crate) struct Listener {
+    pub(crate) config: ListenerConfig,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) front: Arc<Front>,
     stop: CancellationToken,
+}
+
+/// What a listener's connections share: the route and limits of the current generation,
+/// and the listener's counters (kept across reloads).
+#[derive(Debug)]
+pub(crate) struct Front {
+    route: ArcSwap<Upstream>,
+    limits: ArcSwap<InboundLimits>,
+    pub(crate) metrics: Arc<InboundMetrics>,
 }
 
 // === impl Upstream ===
@@ -120,6 +129,14 @@ impl Upstream {
     }
 }
 
+// === impl Front ===
+
+impl Front {
+    pub(crate) fn limits(&self) -> arc_swap::Guard<Arc<InboundLimits>> {
+        self.limits.load()
+    }
+}
+
 // === impl Listener ===
 
 impl Listener {
@@ -133,11 +150,23 @@ impl Listener {
         parent: &CancellationToken,
     ) -> std::io::Result<Listener> {
         let local_addr = socket.local_addr()?;
-        let route = Arc::new(ArcSwap::new(route));
+        let front = Arc::new(Front {
+            route: ArcSwap::new(route),
+            limits: ArcSwap::from_pointee(config.limits.clone()),
+            metrics: Arc::default(),
+        });
         let stop = parent.child_token();
-        tracker.spawn(accept_loop(socket, config.protocol, route.clone(), tracker.clone(), stop.clone()));
+        let acceptor = Acceptor::new(socket, &config.name, front.metrics.clone());
+        tracker.spawn(accept_loop(acceptor, config.protocol, front.clone(), tracker.clone(), stop.clone()));
         tracing::info!(listener = %config.name, addr = %local_addr, protocol = ?config.protocol, service = %config.service, "listening");
-        Ok(Listener { config, local_addr, route, stop })
+        Ok(Listener { config, local_addr, front, stop })
+    }
+
+    /// Points the listener at a new generation's service and limits (reload).
+    pub(crate) fn update(&mut self, config: &ListenerConfig, route: Arc<Upstream>) {
+        self.front.route.store(route);
+        self.front.limits.store(Arc::new(config.limits.clone()));
+        self.config = config.clone();
     }
 
     /// Stops accepting; open connections finish their in-flight requests, then close.
@@ -147,18 +176,23 @@ impl Listener {
 }
 
 async fn accept_loop(
-    socket: TcpListener,
+    mut acceptor: Acceptor,
     protocol: ListenerProtocol,
-    route: Arc<ArcSwap<Upstream>>,
+    front: Arc<Front>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let mut acceptor = Acceptor::new(socket, "listener");
-    while let Some((stream, _)) = acceptor.next(&stop).await {
+    while let Some((stream, _, slot)) = acceptor.next(&stop, front.limits.load().max_connections).await {
         let _ = stream.set_nodelay(true);
         match protocol {
-            ListenerProtocol::Http => tracker.spawn(serve_http(stream, route.clone(), stop.clone())),
-            ListenerProtocol::Tcp => tracker.spawn(tcp::handle(route.load_full(), stream)),
+            ListenerProtocol::Http => tracker.spawn(serve_http(stream, slot, front.clone(), stop.clone())),
+            ListenerProtocol::Tcp => {
+                let up = front.route.load_full();
+                tracker.spawn(async move {
+                    tcp::handle(up, stream).await;
+                    drop(slot);
+                })
+            }
         };
     }
     let addr = acceptor.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -167,44 +201,21 @@ async fn accept_loop(
 }
 
 /// Serves HTTP/1.1 and HTTP/2 prior knowledge (h2c, as gRPC clients speak) on one
-/// connection, told apart by the HTTP/2 preface.
-async fn serve_http(stream: TcpStream, route: Arc<ArcSwap<Upstream>>, stop: CancellationToken) {
-    let service = service_fn(move |req| {
-        let up = route.load_full();
-        async move { Ok::<_, Infallible>(http::handle(&up, req).await) }
-    });
-    let result = match server::sniff(&stream).await {
-        Ok(server::Protocol::Http2) => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+/// connection, under the listener's limits.
+async fn serve_http(stream: TcpStream, slot: Slot, front: Arc<Front>, stop: CancellationToken) {
+    let limits = front.limits.load_full();
+    let metrics = front.metrics.clone();
+    server::serve(stream, true, &limits, &metrics, &stop, |activity| {
+        service_fn(move |req| {
+            let guard = activity.begin();
+            let up = front.route.load_full();
+            let front = front.clone();
+            async move {
+                let resp = http::handle(&up, req, &front).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
             }
-        }
-        Ok(server::Protocol::Http1) => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
-        Err(e) => {
-            tracing::debug!("connection ended before its first request: {e}");
-            return;
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!("connection ended: {e}");
-    }
+        })
+    })
+    .await;
+    drop(slot);
 }

@@ -260,6 +260,38 @@ impl Collector for AppCollector {
             &rows,
         )?;
 
+        let inbound = app.inbound_metrics();
+        let rows: Vec<_> =
+            inbound.iter().map(|(n, m)| (vec![("listener", n.as_str())], get(&m.accepted))).collect();
+        counter(
+            &mut enc,
+            "outrider_inbound_connections",
+            "Connections accepted, by listener (admin: the admin port).",
+            &rows,
+        )?;
+        let rows: Vec<_> = inbound
+            .iter()
+            .map(|(n, m)| (vec![("listener", n.as_str())], m.open.load(Ordering::Relaxed) as i64))
+            .collect();
+        gauge(&mut enc, "outrider_inbound_connections_open", "Connections open, by listener.", &rows)?;
+        let mut rows = Vec::new();
+        for (n, m) in inbound.iter() {
+            for (reason, c) in [
+                ("max_connections", &m.over_capacity),
+                ("header_timeout", &m.header_timeouts),
+                ("idle_timeout", &m.idle_timeouts),
+                ("headers_too_large", &m.heads_too_large),
+                ("unsupported_transfer_coding", &m.unsupported_codings),
+            ] {
+                rows.push((vec![("listener", n.as_str()), ("reason", reason)], get(c)));
+            }
+        }
+        counter(
+            &mut enc,
+            "outrider_inbound_refused",
+            "Connections closed or requests refused by a listener's limits, by reason.",
+            &rows,
+        )?;
         if let Some(state) = app.registration_state_now() {
             gauge(
                 &mut enc,
