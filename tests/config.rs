@@ -236,3 +236,12 @@ fn inbound_limits_have_the_documented_defaults_and_ranges() {
     assert_problem(&all, "listeners[0].limits.max_header_bytes", 5, "between 1024 and 1048576");
     assert_problem(&all, "listeners[0].limits.max_headers", 5, "between 1 and 1000");
 }
+
+#[test]
+fn allowed_networks_are_cidrs_and_only_for_discovered_endpoints() {
+    let yaml =
+        format!("allowed_networks: [10.0.0.0/8, not-a-net]\n{BASE}    allowed_networks: [10.0.0.0/8]\n");
+    let all = problems(&yaml);
+    assert_problem(&all, "allowed_networks[1]", 1, "not a CIDR");
+    assert_problem(&all, "services.payments.allowed_networks", 10, "static ones are listed here");
+}

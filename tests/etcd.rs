@@ -267,3 +267,23 @@ async fn after_a_long_outage_the_watch_is_back_within_two_seconds() {
     eprintln!("etcd back -> new endpoint routed: {routed:?}");
     assert!(!routed.is_zero() && routed < Duration::from_secs(2), "took {routed:?} (or never, within 5 s)");
 }
+
+#[tokio::test]
+async fn endpoints_outside_allowed_networks_are_refused_and_counted() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let a = Backend::named("a").await;
+    kv.put("svc/pay/a", naming(a.addr, ""), None).await.unwrap();
+    // A poisoned entry: the cloud metadata address.
+    kv.put("svc/pay/evil", naming("169.254.169.254:80".parse().unwrap(), ""), None).await.unwrap();
+    let yaml = etcd_config(&etcd, "", "")
+        .replace("listeners:", "allowed_networks: [127.0.0.0/8, 10.0.0.0/8]\nlisteners:");
+    let app = start_app(&yaml).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    until_routed_to(&url, "a").await;
+    assert_eq!(endpoint_addrs(&app).await, vec![a.addr.to_string()], "the metadata address never joins");
+    let status = app.discovery_status().await;
+    assert_eq!(status["pay"]["refused_endpoints"], 1);
+    let metrics = app.metrics_text();
+    assert!(metrics.contains("outrider_discovery_refused_endpoints_total{service=\"pay\"} 1"), "{metrics}");
+}

@@ -30,6 +30,8 @@ pub struct File {
     #[serde(default)]
     pub access_log: AccessLogFile,
     pub tracing: Option<TracingFile>,
+    /// CIDRs discovered endpoints must fall in (every service's default).
+    pub allowed_networks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +166,7 @@ pub struct ServiceFile {
     pub circuit_breaker: BreakerFile,
     pub health_check: Option<HealthCheckFile>,
     pub rate_limit: Option<RateLimitFile>,
+    pub allowed_networks: Option<Vec<String>>,
 }
 
 /// A `retry_on` entry: a condition name or a status code.

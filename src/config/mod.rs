@@ -159,10 +159,12 @@ pub enum DiscoveryConfig {
     Static {
         endpoints: Vec<EndpointSpec>,
     },
-    /// Watch `prefix` in etcd; keep only instances whose tags match every `selector` entry.
+    /// Watch `prefix` in etcd; keep only instances whose tags match every `selector` entry
+    /// and whose address falls in `allowed_networks` (empty: any).
     Etcd {
         prefix: String,
         selector: BTreeMap<String, String>,
+        allowed_networks: Vec<ipnet::IpNet>,
     },
 }
 

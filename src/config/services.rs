@@ -15,7 +15,12 @@ use super::validate::{Validator, defaults};
 use super::*;
 
 impl Validator {
-    pub(super) fn service(&mut self, path: &str, mut s: ServiceFile) -> ServiceConfig {
+    pub(super) fn service(
+        &mut self,
+        path: &str,
+        mut s: ServiceFile,
+        allowed: &[ipnet::IpNet],
+    ) -> ServiceConfig {
         let name = path.strip_prefix("services.").unwrap_or(path);
         let discovery = match s.discovery {
             DiscoveryKind::Etcd => {
@@ -29,11 +34,19 @@ impl Validator {
                     let msg = "an empty prefix would watch the whole keyspace";
                     self.problem(&join_key(path, "etcd.prefix"), msg);
                 }
-                DiscoveryConfig::Etcd { prefix, selector: e.selector }
+                let allowed_networks = match s.allowed_networks.take() {
+                    Some(list) => self.networks(&join_key(path, "allowed_networks"), list),
+                    None => allowed.to_vec(),
+                };
+                DiscoveryConfig::Etcd { prefix, selector: e.selector, allowed_networks }
             }
             DiscoveryKind::Static => {
                 if s.etcd.is_some() {
                     self.problem(&join_key(path, "etcd"), "`etcd` settings need `discovery: etcd`");
+                }
+                if s.allowed_networks.is_some() {
+                    let msg = "`allowed_networks` filters discovered endpoints; static ones are listed here";
+                    self.problem(&join_key(path, "allowed_networks"), msg);
                 }
                 match s.endpoints.take() {
                     Some(list) => DiscoveryConfig::Static {

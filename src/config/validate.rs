@@ -151,6 +151,7 @@ impl Validator {
                 Duration::ZERO..=Duration::from_secs(3600),
             ),
         };
+        let allowed = f.allowed_networks.map(|l| self.networks("allowed_networks", l)).unwrap_or_default();
         let services: BTreeMap<_, _> = f
             .services
             .into_iter()
@@ -164,7 +165,7 @@ impl Validator {
                         ),
                     );
                 }
-                let service = self.service(&path, s);
+                let service = self.service(&path, s, &allowed);
                 (name, service)
             })
             .collect();
@@ -287,6 +288,22 @@ impl Validator {
                 NonZeroU32::MIN
             }
         }
+    }
+
+    /// CIDRs such as 10.0.0.0/8 or fd00::/8 (a bare address is a /32 or /128).
+    pub(super) fn networks(&mut self, path: &str, list: Vec<String>) -> Vec<ipnet::IpNet> {
+        let mut nets = Vec::new();
+        for (i, text) in list.iter().enumerate() {
+            let t = text.trim();
+            match t.parse::<ipnet::IpNet>().or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(net) => nets.push(net),
+                Err(_) => {
+                    self.problem(&format!("{path}[{i}]"), format!("{text:?} is not a CIDR (e.g. 10.0.0.0/8)"))
+                }
+            }
+        }
+        nets
     }
 
     pub(super) fn addr(&mut self, path: &str, text: &str) -> SocketAddr {

@@ -35,6 +35,8 @@ pub struct Watch {
     pub cluster: EtcdConfig,
     pub prefix: String,
     pub selector: BTreeMap<String, String>,
+    /// Networks endpoints must be in (empty: any); others are refused and counted.
+    pub allowed: Vec<ipnet::IpNet>,
     pub protocol: UpstreamProtocol,
 }
 
@@ -44,6 +46,8 @@ pub struct WatchStatus {
     pub revision: AtomicI64,
     pub reconnects: AtomicU64,
     pub undecodable: AtomicU64,
+    /// Endpoints refused because their address is outside `allowed_networks`.
+    pub refused: AtomicU64,
     state: Mutex<(&'static str, Option<SystemTime>)>,
 }
 
@@ -117,6 +121,7 @@ impl WatchStatus {
             "seconds_since_update": since,
             "reconnects": self.reconnects.load(Ordering::Relaxed),
             "undecodable_values": self.undecodable.load(Ordering::Relaxed),
+            "refused_endpoints": self.refused.load(Ordering::Relaxed),
         })
     }
 }
@@ -240,7 +245,8 @@ impl Watch {
         for (key, value) in values {
             match decode(value, self.protocol) {
                 Ok(found) => {
-                    endpoints.extend(found.into_iter().filter(|e| self.selected(e) && seen.insert(e.addr)))
+                    let found = found.into_iter().filter(|e| self.allowed(key, e, status));
+                    endpoints.extend(found.filter(|e| self.selected(e) && seen.insert(e.addr)))
                 }
                 Err(e) => {
                     status.undecodable.fetch_add(1, Ordering::Relaxed);
@@ -252,6 +258,17 @@ impl Watch {
         self.save_snapshot(revision, &endpoints);
         service.update(endpoints);
         status.updated(revision);
+    }
+
+    /// Whether the address is in an allowed network; a refusal is logged and counted (a
+    /// poisoned registry entry, such as a cloud metadata address, never gets traffic).
+    fn allowed(&self, key: &str, e: &EndpointSpec, status: &WatchStatus) -> bool {
+        if self.allowed.is_empty() || self.allowed.iter().any(|n| n.contains(&e.addr.ip())) {
+            return true;
+        }
+        status.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(service = %self.service, %key, endpoint = %e.addr, "refusing a discovered endpoint outside allowed_networks");
+        false
     }
 
     fn selected(&self, e: &EndpointSpec) -> bool {

@@ -58,13 +58,14 @@ impl Discovery {
                 service.update_now(endpoints.clone()).await;
                 Discovery { key, etcd: None, _stop: None }
             }
-            (DiscoveryConfig::Etcd { prefix, selector }, Some(cluster)) => {
+            (DiscoveryConfig::Etcd { prefix, selector, allowed_networks }, Some(cluster)) => {
                 let stop = CancellationToken::new();
                 let watch = etcd::Watch {
                     service: name.to_string(),
                     cluster: cluster.clone(),
                     prefix: prefix.clone(),
                     selector: selector.clone(),
+                    allowed: allowed_networks.clone(),
                     protocol,
                 };
                 let status = Arc::new(etcd::WatchStatus::default());

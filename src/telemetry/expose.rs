@@ -251,6 +251,13 @@ impl Collector for AppCollector {
         let rows: Vec<_> =
             watches.iter().map(|(n, w)| (svc(n), w.reconnects.load(Ordering::Relaxed))).collect();
         counter(&mut enc, "outrider_discovery_reconnects", "etcd watch reconnects.", &rows)?;
+        let rows: Vec<_> = watches.iter().map(|(n, w)| (svc(n), w.refused.load(Ordering::Relaxed))).collect();
+        counter(
+            &mut enc,
+            "outrider_discovery_refused_endpoints",
+            "Discovered endpoints refused: address outside allowed_networks.",
+            &rows,
+        )?;
         let rows: Vec<_> =
             watches.iter().map(|(n, w)| (svc(n), w.undecodable.load(Ordering::Relaxed))).collect();
         counter(
