@@ -426,4 +426,40 @@ mod tests {
         assert_eq!(names, vec!["te", "x-keep"]);
         assert_eq!(h[header::TE], "trailers");
     }
+
+    proptest::proptest! {
+        /// Whatever the headers, none that describe the connection survive, and every other
+        /// one does, untouched.
+        #[test]
+        fn stripping_removes_exactly_the_hop_by_hop_headers(
+            headers in proptest::collection::vec(
+                ("(connection|keep-alive|te|transfer-encoding|upgrade|proxy-connection|proxy-authenticate|x-[a-c]|host|accept)",
+                 "(close|keep-alive|trailers|gzip, trailers|x-a|x-b, x-c|upgrade|[a-z0-9 ,]{0,12})"),
+                0..12,
+            )
+        ) {
+            let mut h = HeaderMap::new();
+            for (k, v) in &headers {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            let named: Vec<String> = h
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap().split(',').map(|t| t.trim().to_ascii_lowercase()))
+                .collect();
+            let before = h.clone();
+            strip_hop_by_hop(&mut h);
+            for (name, value) in &h {
+                let n = name.as_str();
+                proptest::prop_assert!(!is_hop_by_hop(name) || (n == "te" && value == "trailers"), "{n} survived");
+                proptest::prop_assert!(!named.iter().any(|t| t == n), "{n} was named by Connection");
+            }
+            for (name, value) in &before {
+                let n = name.as_str();
+                if !is_hop_by_hop(name) && !named.iter().any(|t| t == n) {
+                    proptest::prop_assert!(h.get_all(name).iter().any(|v| v == value), "{n} was lost");
+                }
+            }
+        }
+    }
 }
