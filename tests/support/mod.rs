@@ -43,6 +43,7 @@ pub async fn within<F: Future>(f: F) -> F::Output {
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    dead: tokio_util::sync::CancellationToken,
 }
 
 impl Backend {
@@ -51,27 +52,50 @@ impl Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
-        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::serve(socket, handler)
+    }
+
+    /// Serves on an already bound socket (a replacement on the same address, say).
+    pub fn serve<F, Fut>(socket: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
         let addr = socket.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
+        let dead = tokio_util::sync::CancellationToken::new();
+        let (counter, killed) = (hits.clone(), dead.clone());
         tokio::spawn(async move {
-            while let Ok((stream, _)) = socket.accept().await {
-                let (handler, counter) = (handler.clone(), counter.clone());
+            loop {
+                let stream = tokio::select! {
+                    () = killed.cancelled() => return,
+                    r = socket.accept() => match r { Ok((s, _)) => s, Err(_) => return },
+                };
+                let (handler, counter, killed) = (handler.clone(), counter.clone(), killed.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        () = killed.cancelled() => {} // dropped mid-request, as a crash would
+                    }
                 });
             }
         });
-        Backend { addr, hits }
+        Backend { addr, hits, dead }
+    }
+
+    /// Stops at once, as SIGKILL would: the listening socket and every open connection close,
+    /// requests in flight get no answer.
+    pub fn kill(&self) {
+        self.dead.cancel();
     }
 
     /// Answers every request with its name in the body.
@@ -366,8 +390,9 @@ impl Held {
     }
 }
 
-/// Closed-loop load: `workers` tasks each sending GETs to `url` one after another until
-/// [`Load::stop`]; counts answers by outcome. Bounded by the caller's stop and by `LIMIT`.
+/// Closed-loop load: `workers` tasks each sending requests one after another until
+/// [`Load::stop`]; counts answers by outcome (200 with a whole body is ok). Bounded by the
+/// caller's stop and by `LIMIT`.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     pub ok: Arc<AtomicUsize>,
@@ -375,18 +400,31 @@ pub struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+type MakeRequest = Arc<dyn Fn() -> Request<TestBody> + Send + Sync>;
+
 impl Load {
+    /// GETs to `url` over HTTP/1.1.
     pub fn start(url: &str, workers: usize) -> Load {
+        let url = url.to_string();
+        Load::with(client(), workers, move || Request::get(&url).body(empty()).unwrap())
+    }
+
+    /// Requests from `make` on `client` (HTTP/1.1 or h2c).
+    pub fn with(
+        client: Client<HttpConnector, TestBody>,
+        workers: usize,
+        make: impl Fn() -> Request<TestBody> + Send + Sync + 'static,
+    ) -> Load {
+        let make: MakeRequest = Arc::new(make);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let tasks = (0..workers)
             .map(|_| {
-                let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.to_string());
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                let (client, make) = (client.clone(), make.clone());
                 tokio::spawn(async move {
-                    let client = client();
                     while !stop.load(Ordering::Relaxed) {
-                        let req = Request::get(&url).body(empty()).unwrap();
-                        let good = match within(client.request(req)).await {
+                        let good = match within(client.request(make())).await {
                             Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
                             _ => false,
                         };
@@ -397,6 +435,18 @@ impl Load {
             })
             .collect();
         Load { stop, ok, failed, tasks }
+    }
+
+    /// Waits until at least `n` more requests have been answered (whatever the outcome).
+    pub async fn progress(&self, n: usize) {
+        let total = || self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed);
+        let target = total() + n;
+        within(async {
+            while total() < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
     }
 
     /// Stops the workers; returns (ok, failed).
