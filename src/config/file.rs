@@ -123,7 +123,7 @@ pub struct ServiceEtcdFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub bind: Option<String>,
-    pub limits: Option<super::inbound::LimitsFile>,
+    pub limits: Option<LimitsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,7 +141,7 @@ pub struct ListenerFile {
     #[serde(default)]
     pub protocol: ListenerProtocol,
     pub service: String,
-    pub limits: Option<super::inbound::LimitsFile>,
+    pub limits: Option<LimitsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -273,4 +273,15 @@ pub struct TimeoutsFile {
     pub request: Option<String>,
     pub idle: Option<String>,
     pub tcp_idle: Option<String>,
+}
+
+/// A listener's (or the admin port's) inbound limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_connections: Option<u32>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_header_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
 }

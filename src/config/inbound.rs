@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::file::LimitsFile;
 use super::human;
 use super::locate::join_key;
 use super::validate::Validator;
@@ -26,16 +27,6 @@ pub struct InboundLimits {
     pub max_header_bytes: usize,
     /// Header fields in one request at most; more are answered 431.
     pub max_headers: usize,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct LimitsFile {
-    max_connections: Option<u32>,
-    header_read_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    max_header_bytes: Option<usize>,
-    max_headers: Option<usize>,
 }
 
 /// Defaults for proxy listeners: Envoy's head limits (60 KiB, 100 headers), nginx's style of
