@@ -72,6 +72,23 @@ class Env:
         self.procs = []
         self.backend = free_port()
         self.backend_b = free_port()
+        self.backend_tls = free_port()
+        self.backend_tls_close = free_port()
+        self.make_certs()
+
+    def make_certs(self):
+        """A CA and an ECDSA P-256 server certificate for 127.0.0.1 / localhost (OpenSSL)."""
+        d = self.dir
+        run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d)
+        run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA")
+        run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+        self.write("san.ext", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+        with open(os.path.join(d, "server-full.pem"), "w") as f:  # HAProxy wants cert and key in one file
+            f.write(open(os.path.join(d, "server.pem")).read() + open(os.path.join(d, "server.key")).read())
 
     def spawn(self, cmd, core, **kw):
         p = subprocess.Popen(["taskset", "-c", str(core)] + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
@@ -100,20 +117,31 @@ worker_processes 1; daemon off; pid {self.dir}/backend.pid; error_log {self.dir}
 events {{ worker_connections 20000; }}
 http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
   server {{ listen 127.0.0.1:{self.backend}; location / {{ return 200 "hello\\n"; }} }}
-  server {{ listen 127.0.0.1:{self.backend_b}; location / {{ return 200 "b\\n"; }} }} }}
+  server {{ listen 127.0.0.1:{self.backend_b}; location / {{ return 200 "b\\n"; }} }}
+  server {{ listen 127.0.0.1:{self.backend_tls} ssl; ssl_certificate {self.dir}/server.pem;
+    ssl_certificate_key {self.dir}/server.key; location / {{ return 200 "hello\\n"; }} }}
+  server {{ listen 127.0.0.1:{self.backend_tls_close} ssl; ssl_certificate {self.dir}/server.pem;
+    ssl_certificate_key {self.dir}/server.key; keepalive_requests 1; location / {{ return 200 "hello\\n"; }} }} }}
 """)
         self.spawn(["nginx", "-p", self.dir, "-c", conf], core=1)
         wait_port(self.backend)
 
     def start_outrider(self, extra="", binary=BIN, env=None, core=0):
         self.o_http, self.o_tcp, self.o_admin = free_port(), free_port(), free_port()
+        self.o_tls_in, self.o_tls_out, self.o_tls_new = free_port(), free_port(), free_port()
+        d = self.dir
         conf = self.write("outrider.yaml", f"""
 admin: {{ bind: 127.0.0.1:{self.o_admin} }}
 listeners:
   - {{ name: http, bind: 127.0.0.1:{self.o_http}, service: b }}
   - {{ name: tcp, bind: 127.0.0.1:{self.o_tcp}, protocol: tcp, service: b }}
+  - {{ name: tls_in, bind: 127.0.0.1:{self.o_tls_in}, service: b, tls: {{ cert: {d}/server.pem, key: {d}/server.key }} }}
+  - {{ name: tls_out, bind: 127.0.0.1:{self.o_tls_out}, service: bt }}
+  - {{ name: tls_new, bind: 127.0.0.1:{self.o_tls_new}, service: bt_close }}
 services:
   b: {{ endpoints: [{{ addr: 127.0.0.1:{self.backend} }}] }}
+  bt: {{ endpoints: [{{ addr: 127.0.0.1:{self.backend_tls} }}], tls: {{ ca: {d}/ca.pem, server_name: localhost }} }}
+  bt_close: {{ endpoints: [{{ addr: 127.0.0.1:{self.backend_tls_close} }}], tls: {{ ca: {d}/ca.pem, server_name: localhost }} }}
 logging: {{ level: warn }}
 {extra}
 """)
@@ -123,10 +151,13 @@ logging: {{ level: warn }}
 
     def start_haproxy(self, threads=1, core=0):
         self.h_http, self.h_h2, self.h_tcp = free_port(), free_port(), free_port()
+        self.h_tls_in, self.h_tls_out, self.h_tls_new = free_port(), free_port(), free_port()
+        d = self.dir
         conf = self.write(f"haproxy{threads}.cfg", f"""
 global
   nbthread {threads}
   maxconn 8000
+  ssl-server-verify required
 defaults
   mode http
   timeout connect 1s
@@ -147,6 +178,19 @@ frontend ft
 backend bt
   mode tcp
   server s1 127.0.0.1:{self.backend}
+frontend tls_in
+  bind 127.0.0.1:{self.h_tls_in} ssl crt {d}/server-full.pem alpn h2,http/1.1
+  default_backend bh
+frontend tls_out
+  bind 127.0.0.1:{self.h_tls_out}
+  default_backend bs
+backend bs
+  server s1 127.0.0.1:{self.backend_tls} ssl verify required ca-file {d}/ca.pem sni str(localhost) verifyhost localhost
+frontend tls_new
+  bind 127.0.0.1:{self.h_tls_new}
+  default_backend bs_close
+backend bs_close
+  server s1 127.0.0.1:{self.backend_tls_close} ssl verify required ca-file {d}/ca.pem sni str(localhost) verifyhost localhost
 """)
         p = self.spawn(["haproxy", "-f", conf, "-db"], core=core)
         wait_port(self.h_http)
@@ -178,6 +222,35 @@ def load(cmd):
 def wrk_rps(port, secs):
     out = load(["wrk", "-t1", "-c50", f"-d{secs}s", f"http://127.0.0.1:{port}/"])
     return float(next(l.split()[1] for l in out.splitlines() if l.startswith("Requests/sec")))
+
+
+def wrk_url_rps(url, secs, conns=50, close=False):
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s"] + (["-H", "Connection: close"] if close else []) + [url]
+    out = load(cmd)
+    return float(next(l.split()[1] for l in out.splitlines() if l.startswith("Requests/sec")))
+
+
+def tls(env, secs, rounds):
+    """TLS on each side, Outrider beside HAProxy, both pinned to core 0, alternating:
+    origination (plain in, TLS to an nginx ssl backend, keep-alive), termination (wrk over
+    https, keep-alive), new TLS handshakes per second at the listener (wrk with
+    `Connection: close`: a full handshake per request), and a new upstream TLS connection per
+    request (the backend closes after each response: the proxies may resume sessions)."""
+    rows = {"orig": "TLS origination, keep-alive req/s (wrk -c50)",
+            "term": "TLS termination, keep-alive req/s (wrk -c50 https)",
+            "hs_in": "TLS termination, new handshake per request (wrk -c50, Connection: close)",
+            "hs_out": "TLS origination, new upstream connection per request (wrk -c50)"}
+    ports = {"outrider": (env.o_tls_out, env.o_tls_in, env.o_tls_new),
+             "haproxy": (env.h_tls_out, env.h_tls_in, env.h_tls_new)}
+    out = {n: {k: [] for k in rows} for n in ports}
+    for r in range(rounds):
+        for name, (orig, term, new) in ports.items():
+            out[name]["orig"].append(wrk_url_rps(f"http://127.0.0.1:{orig}/", secs))
+            out[name]["term"].append(wrk_url_rps(f"https://127.0.0.1:{term}/", secs))
+            out[name]["hs_in"].append(wrk_url_rps(f"https://127.0.0.1:{term}/", secs, close=True))
+            out[name]["hs_out"].append(wrk_url_rps(f"http://127.0.0.1:{new}/", secs))
+            print(f"tls round {r + 1} {name}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in out[name].items()), flush=True)
+    return rows, {n: {k: statistics.median(v) for k, v in m.items()} for n, m in out.items()}
 
 
 def oha_latency(port, secs, rate):
@@ -307,7 +380,7 @@ def etcd_propagation(env, samples=100):
     return {"p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99) - 1], "max_ms": lat[-1], "samples": samples}
 
 
-def report(res, two, fp, prop, args):
+def report(res, two, tls_res, fp, prop, args):
     d, o, h, n = res["direct"], res["outrider"], res["haproxy"], res["nginx"]
     ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
     lines = [
@@ -336,6 +409,10 @@ def report(res, two, fp, prop, args):
         "| figure | Outrider (2 workers) | HAProxy (nbthread 2) | Outrider/HAProxy |", "|---|---|---|---|",
         f"| HTTP/1.1 keep-alive req/s | {two['outrider']['rps']:,.0f} | {two['haproxy']['rps']:,.0f} | {ratio(two['outrider']['rps'], two['haproxy']['rps'])} |",
         f"| HTTP/2 h2c req/s | {two['outrider']['h2']:,.0f} | {two['haproxy']['h2']:,.0f} | {ratio(two['outrider']['h2'], two['haproxy']['h2'])} |", "",
+        "## TLS (ECDSA P-256 certificates; rustls with ring vs HAProxy with OpenSSL; each pinned to core 0)", "",
+        "| figure | Outrider | HAProxy | Outrider/HAProxy |", "|---|---|---|---|",
+        *[f"| {label} | {tls_res[1]['outrider'][k]:,.0f} | {tls_res[1]['haproxy'][k]:,.0f} | "
+          f"{ratio(tls_res[1]['outrider'][k], tls_res[1]['haproxy'][k])} |" for k, label in tls_res[0].items()], "",
         "## Footprint (Outrider)", "",
         f"- start to ready: {fp['start_to_ready_ms']:.1f} ms",
         f"- RSS idle: {fp['rss_idle_kib'] / 1024:.1f} MiB",
@@ -393,9 +470,25 @@ def main():
     ap.add_argument("--ab", nargs=2, metavar=("BIN_A", "BIN_B"), help="alternating A/B pairs of two builds")
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="Outrider worker threads (A/B mode)")
+    ap.add_argument("--tls-only", action="store_true", help="only the TLS figures, printed (RESULTS.md untouched)")
+    ap.add_argument("--binary", default=BIN, help="the Outrider build for --tls-only")
     args = ap.parse_args()
     if args.ab:
         return ab(args)
+    if args.tls_only:
+        ensure_tools()
+        env = Env()
+        try:
+            env.start_backend()
+            env.start_outrider(binary=args.binary)
+            env.start_haproxy()
+            rows, med = tls(env, args.seconds, args.rounds)
+            for k, label in rows.items():
+                o, h = med["outrider"][k], med["haproxy"][k]
+                print(f"{label}: Outrider {o:,.0f}, HAProxy {h:,.0f} ({o / h:.2f}x)")
+        finally:
+            env.close()
+        return
     ensure_tools()
     env = Env()
     try:
@@ -404,10 +497,11 @@ def main():
         env.start_haproxy()
         env.start_nginx()
         res = measure(env, args.seconds, args.rounds, args.rate)
+        tls_res = tls(env, args.seconds, args.rounds)
         two = two_threads(env, args.seconds, args.rounds)
         fp = footprint(env)
         prop = etcd_propagation(env)
-        report(res, two, fp, prop, args)
+        report(res, two, tls_res, fp, prop, args)
     finally:
         env.close()
 

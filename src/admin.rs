@@ -27,7 +27,7 @@ pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
     while let Some((stream, peer, slot)) = acceptor.next(&stop, limits.max_connections).await {
         let (app, limits, metrics, stop) = (app.clone(), limits.clone(), metrics.clone(), stop.clone());
         tokio::spawn(async move {
-            server::serve(stream, false, &limits, &metrics, &stop, |activity| {
+            server::serve(stream, false, None, &limits, &metrics, &stop, |activity, _| {
                 service_fn(move |req| {
                     let guard = activity.begin();
                     let app = app.clone();
@@ -90,6 +90,7 @@ async fn config(app: &App) -> Response<Full<Bytes>> {
         "reload_failures": status.reload_failures,
         "last_reload_error": status.last_reload_error,
         "listeners": app.listener_addrs().await,
+        "tls": app.tls().to_json(),
         "config": runtime.config.to_json(),
     });
     json_response(StatusCode::OK, &body)

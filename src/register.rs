@@ -169,6 +169,10 @@ impl Lease {
         for (k, v) in &cfg.metadata {
             metadata.insert(k.clone(), v.clone().into());
         }
+        if let Some(name) = &cfg.tls_server_name {
+            metadata.insert("tls".into(), "true".into());
+            metadata.insert("server_name".into(), name.clone().into());
+        }
         let value = serde_json::json!({ "Op": 0, "Addr": cfg.address.to_string(), "Metadata": metadata });
         let put =
             self.client.put(cfg.key.as_str(), value.to_string(), Some(PutOptions::new().with_lease(self.id)));

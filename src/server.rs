@@ -11,10 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::{HeaderMap, Request, Response, Version, header};
-use http_body::Body;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{HeaderMap, Request, Version, header};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +37,8 @@ pub struct InboundMetrics {
     pub heads_too_large: AtomicU64,
     /// Answered 501: a transfer coding other than chunked.
     pub unsupported_codings: AtomicU64,
+    /// TLS handshakes refused, by reason (see `tls::server::REFUSALS`).
+    pub(crate) tls_refusals: [AtomicU64; 5],
 }
 
 /// Accepts from a socket: errors back off, connections over the cap are closed at once, and
@@ -178,71 +177,11 @@ pub(crate) async fn sniff(stream: &TcpStream) -> std::io::Result<Protocol> {
     }
 }
 
+mod serve;
 mod watchdog;
 
+pub(crate) use serve::{serve, tls_handshake};
 pub(crate) use watchdog::{Activity, Tracked};
-use watchdog::{Expired, Watched, supervise};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Serves one HTTP connection — HTTP/2 prior knowledge or HTTP/1.1 (with upgrades) — under
-/// `limits`, until it ends, a limit expires, or `stop` (then gracefully). `service` is built
-/// with the connection's [`Activity`]: it must call [`Activity::begin`] per request and
-/// return the guard inside the response body ([`Tracked`]).
-pub(crate) async fn serve<S, B>(
-    stream: TcpStream,
-    http2: bool,
-    limits: &InboundLimits,
-    metrics: &InboundMetrics,
-    stop: &CancellationToken,
-    service: impl FnOnce(Arc<Activity>) -> S,
-) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let protocol = match tokio::time::timeout(limits.header_read_timeout, sniff(&stream)).await {
-        Ok(Ok(p)) if http2 || p == Protocol::Http1 => p,
-        Ok(Ok(_)) => Protocol::Http1, // HTTP/1.1 only here: hyper answers the preface 400
-        Ok(Err(e)) => return tracing::debug!("connection ended before its first request: {e}"),
-        Err(_) => return inc(&metrics.header_timeouts),
-    };
-    let activity = Activity::new(protocol);
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-    let service = service(activity.clone());
-    let result = match protocol {
-        Protocol::Http2 => {
-            // Twice the limit here: requests are checked against the exact limit (and counted)
-            // by `check_head`; this bounds the memory a head can take before that.
-            let list = u32::try_from(2 * limits.max_header_bytes).unwrap_or(u32::MAX);
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_header_list_size(list)
-                .serve_connection(io, service);
-            tokio::pin!(conn);
-            supervise(conn.as_mut(), |c| c.graceful_shutdown(), &activity, limits, stop).await
-        }
-        Protocol::Http1 => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_headers(limits.max_headers)
-                .max_header_size(limits.max_header_bytes)
-                .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-                .serve_connection(io, service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            supervise(conn.as_mut(), |c| c.graceful_shutdown(), &activity, limits, stop).await
-        }
-    };
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if e.is_parse_too_large() => inc(&metrics.heads_too_large),
-        Ok(Err(e)) => tracing::debug!("connection ended: {e}"),
-        Err(Expired::HeaderTimeout) => inc(&metrics.header_timeouts),
-        Err(Expired::IdleTimeout) => inc(&metrics.idle_timeouts),
-    }
-}
 
 /// Why a request head is refused before it reaches a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

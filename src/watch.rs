@@ -1,4 +1,5 @@
-//! Reload triggers: SIGHUP, and finished changes to the config file.
+//! Reload triggers: SIGHUP, and finished changes to the config file and to the TLS files
+//! it names (certificates, keys, CA bundles: rotated in place, new handshakes use them).
 //!
 //! Watches the file's *directory*, not the file: Kubernetes updates a ConfigMap volume by
 //! swapping a `..data` symlink, which replaces the file without writing to it. Only events
@@ -30,9 +31,38 @@ pub fn spawn(app: App, path: PathBuf) -> notify::Result<()> {
             let _ = tx.try_send(());
         }
     })?;
-    watcher.watch(&watch_dir(&path), RecursiveMode::NonRecursive)?;
-    tokio::spawn(run(app, path, rx, watcher));
+    let dir = watch_dir(&path);
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let mut watching = Watching { watcher, dirs: std::collections::HashSet::from([dir]) };
+    watching.sync(&app);
+    tokio::spawn(run(app, path, rx, watching));
     Ok(())
+}
+
+/// The watcher and the directories it watches: the config's and those of the TLS files the
+/// running config uses (Kubernetes Secret volumes swap a `..data` symlink there too).
+struct Watching {
+    watcher: notify::RecommendedWatcher,
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+impl Watching {
+    /// Starts watching the directories of TLS files a reload brought in.
+    fn sync(&mut self, app: &App) {
+        for file in app.tls_files() {
+            let dir = watch_dir(&file);
+            if !self.dirs.contains(&dir) {
+                match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        self.dirs.insert(dir);
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), "cannot watch TLS files for rotation: {e}")
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Whether an event can mean finished new content: a write that was closed, a rename (atomic
@@ -54,7 +84,7 @@ fn watch_dir(path: &Path) -> PathBuf {
     }
 }
 
-async fn run(app: App, path: PathBuf, mut events: mpsc::Receiver<()>, _watcher: notify::RecommendedWatcher) {
+async fn run(app: App, path: PathBuf, mut events: mpsc::Receiver<()>, mut watching: Watching) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -69,21 +99,24 @@ async fn run(app: App, path: PathBuf, mut events: mpsc::Receiver<()>, _watcher: 
         tokio::select! {
             () = app.finished() => return,
             Some(()) = events.recv() => {
-                let Some(text) = settled(&path, &mut events).await else { continue };
-                let hash = digest(&text);
-                if seen == Some(hash) {
-                    continue;
+                if let Some(text) = settled(&path, &mut events).await {
+                    let hash = digest(&text);
+                    if seen != Some(hash) {
+                        seen = Some(hash);
+                        app.reload_text(&text).await;
+                    }
                 }
-                seen = Some(hash);
-                app.reload_text(&text).await;
+                app.reload_tls();
             }
             Some(()) = recv_hup(&mut hup) => {
-                tracing::info!("SIGHUP: reloading config");
+                tracing::info!("SIGHUP: reloading config and TLS files");
                 let text = read(&path).await;
                 seen = text.as_deref().map(digest);
                 app.reload_from_file().await;
+                app.reload_tls();
             }
         }
+        watching.sync(&app);
     }
 }
 

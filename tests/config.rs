@@ -6,6 +6,8 @@ use std::process::Command;
 
 use outrider::config::{Config, ConfigError, Problem};
 
+mod support;
+
 fn problems(yaml: &str) -> Vec<Problem> {
     match Config::parse_with_env(yaml, HashMap::new()) {
         Ok(_) => panic!("config unexpectedly valid:\n{yaml}"),
@@ -22,10 +24,34 @@ fn assert_problem(all: &[Problem], path: &str, line: usize, needle: &str) {
     assert!(found.message.contains(needle), "{found}");
 }
 
+/// Where shipped configs expect TLS files (a Kubernetes TLS Secret's keys): the tests put
+/// certificates generated now in their place.
+const TLS_DIR: &str = "/etc/outrider/tls/";
+
+/// A temp dir holding `ca.crt`, `tls.crt` and `tls.key`, as a mounted TLS Secret would.
+fn tls_secret() -> support::tls::Ca {
+    let ca = support::tls::Ca::new("shipped");
+    let leaf = ca.leaf("leaf", &["checkout.shop.svc", "spiffe://cluster.local/ns/shop/sa/checkout"]);
+    std::fs::copy(&ca.cert, ca.path("ca.crt")).unwrap();
+    std::fs::copy(&leaf.cert, ca.path("tls.crt")).unwrap();
+    std::fs::copy(&leaf.key, ca.path("tls.key")).unwrap();
+    ca
+}
+
+/// Loads `text` as a config file, with its TLS files pointing at `secret`.
+fn load_with_secret(text: &str, secret: &support::tls::Ca) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outrider.yaml");
+    let mounted = format!("{}/", secret.dir.path().display());
+    std::fs::write(&path, text.replace(TLS_DIR, &mounted)).unwrap();
+    Config::load(&path)
+}
+
 #[test]
 fn every_shipped_config_file_is_valid() {
     // config/*.yaml, and the Outrider configs (outrider*.yaml) that deploy/ and k8s/ ship.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let secret = tls_secret();
     let mut checked = Vec::new();
     for dir in ["config", "deploy", "k8s"] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
@@ -33,14 +59,30 @@ fn every_shipped_config_file_is_valid() {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             let ours = dir == "config" || name.starts_with("outrider");
             if ours && name.ends_with(".yaml") {
-                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let text = std::fs::read_to_string(&path).unwrap();
+                load_with_secret(&text, &secret).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 checked.push(format!("{dir}/{name}"));
             }
         }
     }
-    for expected in ["config/reference.yaml", "config/quickstart.yaml", "k8s/outrider.yaml"] {
+    for expected in
+        ["config/reference.yaml", "config/quickstart.yaml", "k8s/outrider.yaml", "k8s/outrider-mtls.yaml"]
+    {
         assert!(checked.iter().any(|c| c == expected), "{expected} not checked: {checked:?}");
     }
+}
+
+/// The README's pasteable TLS/mTLS config is valid as printed.
+#[test]
+fn the_readme_tls_config_is_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("## TLS and mTLS").expect("README has a TLS section")..];
+    let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    assert!(block.contains(TLS_DIR), "{block}");
+    let config = load_with_secret(block, &tls_secret()).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    assert!(config.listeners.iter().any(|l| l.tls.is_some()));
+    assert!(config.services.values().any(|s| s.tls.is_some()));
 }
 
 #[test]

@@ -284,3 +284,48 @@ async fn access_log_lines_are_json_with_the_trace_id() {
     assert_eq!(json["endpoint"], backend.addr.to_string());
     assert_eq!(json["attempts"], 1);
 }
+
+/// On a TLS listener the span names the client's verified identity; a TLS failure toward the
+/// upstream says why on the span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_carry_the_peer_identity_and_the_tls_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (collector, mut spans) = start_collector().await;
+    let ca = support::tls::Ca::new("spans");
+    let stranger = support::tls::Ca::new("stranger");
+    let listener = ca.leaf("app", &["app.internal"]);
+    let caller = ca.leaf("caller", &["spiffe://cluster.local/ns/shop/sa/cart"]);
+    let upstream =
+        support::tls::TlsBackend::named(stranger.leaf("up", &["127.0.0.1"]).server_config(None), "no").await;
+    let extra = format!("    tls:\n      ca: {}\n", ca.cert.display());
+    let yaml = one_service("http", &extra, &[(upstream.addr(), 1)]).replace(
+        "    service: svc\n",
+        &format!(
+            "    service: svc\n    tls:\n      cert: {}\n      key: {}\n      client_ca: {}\n",
+            listener.cert.display(),
+            listener.key.display(),
+            ca.cert.display()
+        ),
+    ) + &tracing_yaml(collector, "");
+    let app = start_app(&yaml).await;
+    let front = app.listener_addr("front").await.unwrap();
+
+    let config = Arc::new(caller.client_config(&ca.cert));
+    let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("app.internal").unwrap();
+    let mut tls = within(tokio_rustls::TlsConnector::from(config).connect(name, tcp)).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: app.internal\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    within(tls.read_to_string(&mut response)).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+
+    // The retried attempt's span and the request's span (the first attempt's outcome is on it).
+    let all = [next_span(&mut spans).await, next_span(&mut spans).await];
+    for span in &all {
+        assert_eq!(attr(span, "error.type").as_deref(), Some("tls_handshake_failed"));
+        assert_eq!(attr(span, "outrider.tls_error").as_deref(), Some("unknown_ca"));
+    }
+    let request = all.iter().find(|s| s.parent_span_id.is_empty()).expect("the request's span");
+    let identity = attr(request, "outrider.peer_identity");
+    assert_eq!(identity.as_deref(), Some("spiffe://cluster.local/ns/shop/sa/cart"));
+}

@@ -26,7 +26,7 @@ use crate::server::InboundMetrics;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
 use crate::upstream::Balancer;
-use reload::{ServiceTasks, bind, build_upstreams, local_addr};
+use reload::{Context, ServiceTasks, bind, build_upstreams, listener_tls, local_addr};
 
 /// One config generation: what every new request and connection uses.
 #[derive(Debug)]
@@ -45,6 +45,10 @@ pub struct Status {
     pub hash: String,
     pub reload_failures: u64,
     pub last_reload_error: Option<String>,
+    /// Certificates, keys and CA bundles replaced by rotation so far.
+    pub tls_rotations: u64,
+    /// Re-reads of TLS files that failed (the old material stayed).
+    pub tls_reload_failures: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,8 @@ pub enum AppError {
     ShuttingDown,
     #[error("cannot set up tracing: {0}")]
     Telemetry(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A running Outrider. Cheap to clone; all clones control the same instance.
@@ -75,6 +81,8 @@ struct Inner {
     discoveries: Mutex<HashMap<String, ServiceTasks>>,
     registrar: Mutex<Option<Registrar>>,
     telemetry: Arc<Telemetry>,
+    /// TLS material in use, re-read on file changes and SIGHUP.
+    tls: Arc<crate::tls::Registry>,
     status: watch::Sender<Status>,
     config_path: Option<PathBuf>,
     admin_addr: SocketAddr,
@@ -99,14 +107,17 @@ impl App {
         let telemetry = Arc::new(Telemetry::new(&config).map_err(|e| AppError::Telemetry(e.to_string()))?);
         let mut discoveries = HashMap::new();
         let tracker = TaskTracker::new();
-        let upstreams = build_upstreams(&config, None, &mut discoveries, (&telemetry, &tracker)).await;
+        let tls = Arc::new(crate::tls::Registry::default());
+        let cx = Context { telemetry: &telemetry, tracker: &tracker, tls: &tls };
+        let upstreams = build_upstreams(&config, None, &mut discoveries, cx).await?;
         let stop_accepting = CancellationToken::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = bind(&l.name, l.bind)?;
-            let listener =
-                Listener::spawn(socket, l.clone(), upstreams[&l.service].clone(), &tracker, &stop_accepting)
-                    .map_err(|source| AppError::Bind { what: l.name.clone(), addr: l.bind, source })?;
+            let tls = listener_tls(l, None, &tls)?;
+            let up = upstreams[&l.service].clone();
+            let listener = Listener::spawn(socket, l.clone(), up, tls, &tracker, &stop_accepting)
+                .map_err(|source| AppError::Bind { what: l.name.clone(), addr: l.bind, source })?;
             listeners.push(listener);
         }
         let hash = config.hash();
@@ -127,6 +138,7 @@ impl App {
                 discoveries: Mutex::new(discoveries),
                 registrar: Mutex::new(None),
                 telemetry,
+                tls,
                 status: watch::Sender::new(status),
                 config_path,
                 admin_addr,
@@ -144,6 +156,7 @@ impl App {
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(admin_socket, app.clone(), admin_stop.clone()));
         tokio::spawn(app.clone().lifecycle(admin_stop));
+        tokio::spawn(app.clone().expiry_warnings());
         tracing::info!(admin = %admin_addr, "outrider started");
         Ok(app)
     }
@@ -161,6 +174,42 @@ impl App {
     /// such service.
     pub fn balancer(&self, service: &str) -> Option<Arc<Balancer>> {
         Some(self.runtime().upstreams.get(service)?.balancer.clone())
+    }
+
+    /// Re-reads every certificate, key and CA bundle in use; new handshakes use what changed.
+    /// A file that fails to load keeps the old material (logged and counted). Returns how
+    /// many pieces changed.
+    pub fn reload_tls(&self) -> usize {
+        let (changed, failed) = self.inner.tls.reload();
+        if changed + failed > 0 {
+            self.inner.status.send_modify(|s| {
+                s.tls_rotations += changed as u64;
+                s.tls_reload_failures += failed as u64;
+            });
+        }
+        changed
+    }
+
+    /// Warns, every hour, of each loaded certificate that has less than 7 days left (loading
+    /// one warns at once): a certificate nobody rotates must not expire silently.
+    async fn expiry_warnings(self) {
+        let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+        hourly.tick().await; // loading has just warned
+        loop {
+            tokio::select! {
+                () = self.finished() => return,
+                _ = hourly.tick() => self.inner.tls.warn_expiring(),
+            }
+        }
+    }
+
+    /// The TLS files the running config uses (to watch for rotation).
+    pub fn tls_files(&self) -> Vec<PathBuf> {
+        self.inner.tls.files()
+    }
+
+    pub(crate) fn tls(&self) -> &crate::tls::Registry {
+        &self.inner.tls
     }
 
     /// What `/metrics` would answer now (Prometheus text).

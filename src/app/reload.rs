@@ -16,6 +16,7 @@ use crate::discovery::Discovery;
 use crate::proxy::{Listener, Shared, Upstream};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
+use crate::tls::server::ServerTls;
 use crate::upstream::Service;
 use crate::upstream::health::Checker;
 
@@ -88,11 +89,15 @@ impl App {
         {
             tracing::warn!("tracing, access_log and logging changes take effect only after a restart");
         }
-        let plan = plan_listeners(&listeners, &config.listeners)?;
+        let plan = plan_listeners(&listeners, &config.listeners, &self.inner.tls)?;
         let upstreams = {
             let mut discoveries = self.inner.discoveries.lock().await;
-            let shared = (&self.inner.telemetry, &self.inner.tracker);
-            build_upstreams(&config, Some(&current), &mut discoveries, shared).await
+            let cx = Context {
+                telemetry: &self.inner.telemetry,
+                tracker: &self.inner.tracker,
+                tls: &self.inner.tls,
+            };
+            build_upstreams(&config, Some(&current), &mut discoveries, cx).await?
         };
         let generation = current.generation + 1;
         let config = Arc::new(config);
@@ -129,17 +134,17 @@ impl App {
                 .find(|l| l.bind == old.config.bind && l.protocol == old.config.protocol);
             match same {
                 Some(l) => {
-                    old.update(l, upstreams[&l.service].clone());
+                    old.update(l, upstreams[&l.service].clone(), plan.tls[&l.name].clone());
                     next.push(old);
                 }
                 None => old.stop(),
             }
         }
         for l in plan.rebinds {
-            match rebind(l.bind)
-                .await
-                .and_then(|s| Listener::spawn(s, l.clone(), upstreams[&l.service].clone(), tracker, stop))
-            {
+            match rebind(l.bind).await.and_then(|s| {
+                let tls = plan.tls[&l.name].clone();
+                Listener::spawn(s, l.clone(), upstreams[&l.service].clone(), tls, tracker, stop)
+            }) {
                 Ok(listener) => next.push(listener),
                 Err(e) => {
                     tracing::error!(listener = %l.name, addr = %l.bind, "cannot rebind listener: {e}")
@@ -147,7 +152,8 @@ impl App {
             }
         }
         for (l, socket) in plan.fresh {
-            match Listener::spawn(socket, l.clone(), upstreams[&l.service].clone(), tracker, stop) {
+            let tls = plan.tls[&l.name].clone();
+            match Listener::spawn(socket, l.clone(), upstreams[&l.service].clone(), tls, tracker, stop) {
                 Ok(listener) => next.push(listener),
                 Err(e) => tracing::error!(listener = %l.name, "cannot start listener: {e}"),
             }
@@ -167,9 +173,18 @@ impl App {
 /// Binds the sockets a reload needs before anything changes: listeners with a new address are
 /// bound now (failure aborts the reload); those whose address stays but protocol changes are
 /// rebound after the old one closes.
-fn plan_listeners(current: &[Listener], wanted: &[ListenerConfig]) -> Result<ListenerPlan, AppError> {
+fn plan_listeners(
+    current: &[Listener],
+    wanted: &[ListenerConfig],
+    registry: &crate::tls::Registry,
+) -> Result<ListenerPlan, AppError> {
     let mut fresh = Vec::new();
     let mut rebinds = Vec::new();
+    let mut tls = HashMap::new();
+    for l in wanted {
+        let same = current.iter().find(|o| o.config.name == l.name);
+        tls.insert(l.name.clone(), listener_tls(l, same, registry)?);
+    }
     for l in wanted {
         match current.iter().find(|o| o.config.bind == l.bind) {
             Some(o) if o.config.protocol == l.protocol => {}
@@ -177,24 +192,60 @@ fn plan_listeners(current: &[Listener], wanted: &[ListenerConfig]) -> Result<Lis
             None => fresh.push((l.clone(), bind(&l.name, l.bind)?)),
         }
     }
-    Ok(ListenerPlan { fresh, rebinds })
+    Ok(ListenerPlan { fresh, rebinds, tls })
 }
 
-/// Sockets bound ahead of a reload, and listeners to rebind once their old socket closes.
+/// Sockets bound ahead of a reload, listeners to rebind once their old socket closes, and
+/// each listener's TLS termination (loaded before anything changes).
 struct ListenerPlan {
     fresh: Vec<(ListenerConfig, TcpListener)>,
     rebinds: Vec<ListenerConfig>,
+    tls: HashMap<String, Option<Arc<ServerTls>>>,
+}
+
+/// A listener's TLS termination: the running one when its settings are unchanged (material
+/// rotates on its own), otherwise built anew — failing only when its files cannot be loaded.
+pub(super) fn listener_tls(
+    l: &ListenerConfig,
+    current: Option<&Listener>,
+    registry: &crate::tls::Registry,
+) -> Result<Option<Arc<ServerTls>>, AppError> {
+    let Some(cfg) = &l.tls else { return Ok(None) };
+    if let Some(running) = current.and_then(|c| c.tls_if(cfg)) {
+        return Ok(Some(running));
+    }
+    let alpn: &[&str] = match l.protocol {
+        crate::config::ListenerProtocol::Http => &["h2", "http/1.1"],
+        crate::config::ListenerProtocol::Tcp => &[],
+    };
+    let tls = ServerTls::new(cfg, alpn, registry)
+        .map_err(|e| AppError::Tls(format!("listener {}: {e}", l.name)))?;
+    Ok(Some(Arc::new(tls)))
+}
+
+/// What building a generation needs from the app.
+pub(super) struct Context<'a> {
+    pub(super) telemetry: &'a Arc<Telemetry>,
+    pub(super) tracker: &'a TaskTracker,
+    pub(super) tls: &'a crate::tls::Registry,
 }
 
 /// Builds each service's generation view, reusing the owner tasks (endpoint state),
 /// connection pools and discovery sources of services that exist already. Returns once every
-/// service's settings and static endpoints are in force.
+/// service's settings and static endpoints are in force. Fails — before anything changed —
+/// only when TLS material cannot be loaded.
 pub(super) async fn build_upstreams(
     config: &Config,
     previous: Option<&Runtime>,
     tasks: &mut HashMap<String, ServiceTasks>,
-    shared: (&Arc<Telemetry>, &TaskTracker),
-) -> BTreeMap<String, Arc<Upstream>> {
+    cx: Context<'_>,
+) -> Result<BTreeMap<String, Arc<Upstream>>, AppError> {
+    let mut clients = HashMap::new();
+    for (name, svc) in &config.services {
+        let prev = previous.and_then(|r| r.upstreams.get(name)).map(|p| &**p);
+        let client = Upstream::client(svc, prev, cx.tls).map_err(|e| AppError::Tls(e.to_string()))?;
+        clients.insert(name.as_str(), client);
+    }
     let mut next = HashMap::new();
     let mut upstreams = BTreeMap::new();
     let etcd = config.etcd.as_ref();
@@ -230,13 +281,21 @@ pub(super) async fn build_upstreams(
         let watch = discovery.etcd.clone();
         next.insert(name.clone(), ServiceTasks { service, discovery, checker });
         let generation = previous.map_or(1, |r| r.generation + 1);
-        let (telemetry, tasks) = shared;
-        let shared = Shared { balancer, metrics, telemetry, tasks, generation, watch };
+        let client = clients[name.as_str()].clone();
+        let shared = Shared {
+            balancer,
+            metrics,
+            telemetry: cx.telemetry,
+            tasks: cx.tracker,
+            client,
+            generation,
+            watch,
+        };
         let upstream = Upstream::new(name, svc.clone(), shared, prev.map(|p| &**p));
         upstreams.insert(name.clone(), Arc::new(upstream));
     }
     *tasks = next;
-    upstreams
+    Ok(upstreams)
 }
 
 /// What runs per service beside the request path: the owner of its endpoint state,

@@ -14,16 +14,19 @@ mod connect;
 mod pool;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-pub(crate) use connect::{ConnectError, Connector};
+pub(crate) use connect::{ConnectError, Connector, Stream};
 pub(crate) use pool::{Lease, Pool};
 
 use crate::config::{ServiceConfig, UpstreamProtocol};
+use crate::tls::Registry;
+use crate::tls::client::ClientTls;
 use body::UpstreamBody;
 
 /// How a service's connections are made and kept. Cheap to share; one per service and
@@ -35,6 +38,8 @@ pub(crate) struct Client {
     protocol: UpstreamProtocol,
     connector: Connector,
     idle: Duration,
+    /// The TLS settings it was built from (`None`: plaintext).
+    tls: Option<crate::config::UpstreamTls>,
 }
 
 /// Why a request got no response.
@@ -49,14 +54,17 @@ pub(crate) enum SendError {
 // === impl Client ===
 
 impl Client {
-    pub(crate) fn new(config: &ServiceConfig) -> Client {
+    /// Fails only when TLS material that validated a moment ago cannot be loaded now.
+    pub(crate) fn new(config: &ServiceConfig, registry: &Registry) -> Result<Client, crate::pki::PkiError> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        Client {
+        let tls = config.tls.as_ref().map(|t| ClientTls::new(t, registry).map(Arc::new)).transpose()?;
+        Ok(Client {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             protocol: config.protocol,
-            connector: Connector::new(config.timeouts.connect),
+            connector: Connector::new(config.timeouts.connect, tls),
             idle: config.timeouts.idle,
-        }
+            tls: config.tls.clone(),
+        })
     }
 
     /// Whether `config` would build the same client (so its connections can be kept).
@@ -64,22 +72,24 @@ impl Client {
         self.protocol == config.protocol
             && self.connector.timeout() == config.timeouts.connect
             && self.idle == config.timeouts.idle
+            && self.tls == config.tls
     }
 
-    pub(crate) fn connector(&self) -> &Connector {
-        &self.connector
+    /// A raw connection (TCP listeners), with TLS when the service has it.
+    pub(crate) async fn connect(&self, addr: SocketAddr, pool: &Pool) -> Result<Stream, ConnectError> {
+        self.connector.connect(addr, pool.server_name().as_deref().map(String::as_str)).await
     }
 
-    /// Sends `req` to the endpoint whose pool is `pool`, on an idle connection or a new one.
+    /// Sends `req` to `endpoint`, on an idle connection or a new one.
     pub(crate) async fn send(
         &self,
-        pool: &Pool,
         addr: SocketAddr,
+        pool: &Pool,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let (conn, reused) = match pool.checkout(self.id, self.protocol) {
             Some(conn) => (conn, true),
-            None => match self.open(pool, addr).await {
+            None => match self.open(addr, pool).await {
                 Ok(conn) => (conn, false),
                 Err(e) => return Err(SendError::Connect(e, Box::new(req))),
             },
@@ -89,7 +99,7 @@ impl Client {
             // A reused connection that was closing took nothing: once more on a fresh one.
             Err((_, Some(req))) if reused => {
                 tracing::debug!(endpoint = %addr, "pooled connection was closing; sending on a new one");
-                match self.open(pool, addr).await {
+                match self.open(addr, pool).await {
                     Ok(conn) => conn.send(*req).await.map_err(|e| SendError::from_fresh(e, addr)),
                     Err(e) => Err(SendError::Connect(e, req)),
                 }
@@ -98,13 +108,22 @@ impl Client {
         }
     }
 
-    async fn open(&self, pool: &Pool, addr: SocketAddr) -> Result<pool::Conn, ConnectError> {
+    /// A new connection: HTTP/1.1, HTTP/2 (shared by concurrent requests), or whatever ALPN
+    /// picks (`auto`; HTTP/2 connections then go to the pool's shared list).
+    async fn open(&self, addr: SocketAddr, pool: &Pool) -> Result<pool::Conn, ConnectError> {
+        let connect = || self.connect(addr, pool);
         match self.protocol {
-            UpstreamProtocol::Http1 => {
-                let stream = self.connector.connect(addr).await?;
-                pool::Conn::http1(stream, self.id, self.idle, addr).await
+            UpstreamProtocol::Http1 => pool::Conn::http1(connect().await?, self.id, self.idle, addr).await,
+            UpstreamProtocol::Http2 => pool.http2(self.id, self.idle, addr, connect).await,
+            UpstreamProtocol::Auto if pool.speaks_h2() => pool.http2(self.id, self.idle, addr, connect).await,
+            UpstreamProtocol::Auto => {
+                let stream = connect().await?;
+                if stream.negotiated_h2() {
+                    pool.adopt_http2(stream, self.id, self.idle, addr).await
+                } else {
+                    pool::Conn::http1(stream, self.id, self.idle, addr).await
+                }
             }
-            UpstreamProtocol::Http2 => pool.http2(self.id, self.idle, addr, &self.connector).await,
         }
     }
 }

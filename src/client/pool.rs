@@ -12,16 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
-use super::{ConnectError, Connector, error_chain};
+use super::{ConnectError, Stream, error_chain};
 use crate::clock::{instant_at, now_ms};
 use crate::config::UpstreamProtocol;
 
@@ -30,10 +29,13 @@ const MAX_IDLE: usize = 128;
 /// Streams per HTTP/2 connection until its server's SETTINGS say otherwise.
 const DEFAULT_MAX_STREAMS: usize = 100;
 
-/// The connections of one endpoint.
+/// The connections of one endpoint, and the name TLS connects to it by.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     inner: OnceLock<Box<Inner>>,
+    /// The endpoint's `server_name` tag (discovery may change it; an endpoint that stays
+    /// keeps its pool): SNI and the verified name, over the service's configured one.
+    server_name: ArcSwapOption<String>,
 }
 
 #[derive(Debug)]
@@ -42,6 +44,9 @@ struct Inner {
     h2: ArcSwap<Vec<H2>>,
     /// Held while an HTTP/2 connection is being opened, so concurrent requests share it.
     opening: tokio::sync::Mutex<()>,
+    /// `protocol: auto`: this endpoint negotiated h2 before (so new requests wait for one
+    /// shared connection instead of racing to open their own).
+    speaks_h2: std::sync::atomic::AtomicBool,
 }
 
 /// What a connection's task and its users share.
@@ -93,12 +98,25 @@ type Sent = Result<(Response<Incoming>, Lease), (hyper::Error, Option<Box<Reques
 // === impl Pool ===
 
 impl Pool {
+    /// The TLS name from the endpoint's `server_name` tag, if it has one.
+    pub(crate) fn server_name(&self) -> Option<Arc<String>> {
+        self.server_name.load_full()
+    }
+
+    /// Takes the endpoint's current `server_name` tag (new connections use it).
+    pub(crate) fn set_server_name(&self, name: Option<&String>) {
+        if self.server_name.load().as_deref() != name {
+            self.server_name.store(name.map(|n| Arc::new(n.clone())));
+        }
+    }
+
     fn inner(&self) -> &Inner {
         self.inner.get_or_init(|| {
             Box::new(Inner {
                 idle: ArrayQueue::new(MAX_IDLE),
                 h2: ArcSwap::from_pointee(Vec::new()),
                 opening: tokio::sync::Mutex::new(()),
+                speaks_h2: std::sync::atomic::AtomicBool::new(false),
             })
         })
     }
@@ -106,41 +124,71 @@ impl Pool {
     /// An idle HTTP/1.1 connection or an HTTP/2 one with a free stream, made under `client`.
     pub(crate) fn checkout(&self, client: u64, protocol: UpstreamProtocol) -> Option<Conn> {
         let inner = self.inner.get()?;
-        match protocol {
-            UpstreamProtocol::Http1 => {
-                while let Some(h1) = inner.idle.pop() {
-                    if h1.meta.client == client && !h1.sender.is_closed() {
-                        h1.meta.streams.store(1, Ordering::Relaxed);
-                        return Some(Conn::H1(h1));
-                    }
+        let h2 = || inner.h2.load().iter().find_map(|h2| h2.claim(client)).map(Conn::H2);
+        let h1 = || {
+            while let Some(h1) = inner.idle.pop() {
+                if h1.meta.client == client && !h1.sender.is_closed() {
+                    h1.meta.streams.store(1, Ordering::Relaxed);
+                    return Some(Conn::H1(h1));
                 }
-                None
             }
-            UpstreamProtocol::Http2 => inner.h2.load().iter().find_map(|h2| h2.claim(client)).map(Conn::H2),
+            None
+        };
+        match protocol {
+            UpstreamProtocol::Http1 => h1(),
+            UpstreamProtocol::Http2 => h2(),
+            UpstreamProtocol::Auto => h2().or_else(h1),
         }
     }
 
+    /// Whether ALPN chose h2 on this endpoint before (`protocol: auto`).
+    pub(crate) fn speaks_h2(&self) -> bool {
+        self.inner.get().is_some_and(|i| i.speaks_h2.load(Ordering::Relaxed))
+    }
+
     /// Opens an HTTP/2 connection, unless a concurrent request just did and it has room.
-    pub(crate) async fn http2(
+    pub(crate) async fn http2<F, Fut>(
         &self,
         client: u64,
         idle: Duration,
         addr: SocketAddr,
-        connector: &Connector,
-    ) -> Result<Conn, ConnectError> {
+        connect: F,
+    ) -> Result<Conn, ConnectError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Stream, ConnectError>>,
+    {
         let inner = self.inner();
         let _opening = inner.opening.lock().await;
         if let Some(conn) = inner.h2.load().iter().find_map(|h2| h2.claim(client)) {
             return Ok(Conn::H2(conn));
         }
-        let stream = connector.connect(addr).await?;
+        let h2 = H2::handshake(connect().await?, client, idle, addr).await?;
+        self.share(h2.clone(), client);
+        Ok(Conn::H2(h2))
+    }
+
+    /// Adds a connection on which ALPN chose h2 (`protocol: auto`) to the shared list.
+    pub(crate) async fn adopt_http2(
+        &self,
+        stream: Stream,
+        client: u64,
+        idle: Duration,
+        addr: SocketAddr,
+    ) -> Result<Conn, ConnectError> {
+        let inner = self.inner();
+        inner.speaks_h2.store(true, Ordering::Relaxed);
         let h2 = H2::handshake(stream, client, idle, addr).await?;
-        inner.h2.rcu(|list| {
+        self.share(h2.clone(), client);
+        Ok(Conn::H2(h2))
+    }
+
+    fn share(&self, h2: H2, client: u64) {
+        self.inner().h2.rcu(|list| {
             let mut next: Vec<H2> = list.iter().filter(|c| c.usable(client)).cloned().collect();
             next.push(h2.clone());
             next
         });
-        Ok(Conn::H2(h2))
     }
 
     fn checkin(&self, h1: H1) {
@@ -156,7 +204,7 @@ impl Pool {
 impl Conn {
     /// Opens an HTTP/1.1 connection on a connected socket.
     pub(crate) async fn http1(
-        stream: TcpStream,
+        stream: Stream,
         client: u64,
         idle: Duration,
         addr: SocketAddr,
@@ -171,9 +219,16 @@ impl Conn {
     }
 
     /// Sends the request. An error carries the request back when it was provably not sent.
-    pub(crate) async fn send(self, req: Request<UpstreamBody>) -> Sent {
+    pub(crate) async fn send(self, mut req: Request<UpstreamBody>) -> Sent {
         match self {
             Conn::H1(mut h1) => {
+                if req.version() != http::Version::HTTP_11 {
+                    // Built for HTTP/2 (`protocol: auto`), but ALPN chose HTTP/1.1 here.
+                    *req.version_mut() = http::Version::HTTP_11;
+                    if let Some(path) = req.uri().path_and_query().cloned() {
+                        *req.uri_mut() = http::Uri::from(path);
+                    }
+                }
                 if let Err(e) = h1.sender.ready().await {
                     return Err((e, Some(Box::new(req))));
                 }
@@ -222,7 +277,7 @@ impl Drop for StreamSlot {
 
 impl H2 {
     async fn handshake(
-        stream: TcpStream,
+        stream: Stream,
         client: u64,
         idle: Duration,
         addr: SocketAddr,
@@ -311,7 +366,7 @@ where
 /// Runs an HTTP/2 connection until it ends or has no stream for `idle`, keeping the server's
 /// stream limit where checkouts can read it.
 async fn drive_http2(
-    conn: http2::Connection<TokioIo<TcpStream>, UpstreamBody, TokioExecutor>,
+    conn: http2::Connection<TokioIo<Stream>, UpstreamBody, TokioExecutor>,
     meta: Arc<Meta>,
     idle: Duration,
     addr: SocketAddr,

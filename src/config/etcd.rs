@@ -101,7 +101,13 @@ impl Validator {
             healthy_threshold: self.count("register.health.healthy_threshold", h.healthy_threshold, 1),
             unhealthy_threshold: self.count("register.health.unhealthy_threshold", h.unhealthy_threshold, 3),
         };
+        if let Some(name) = &r.tls_server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            self.problem("register.tls_server_name", format!("{name:?} is not a DNS name"));
+        }
         RegisterConfig {
+            tls_server_name: r.tls_server_name,
             key: format!("{prefix}{address}"),
             service: r.service,
             address,

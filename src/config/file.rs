@@ -75,6 +75,8 @@ pub struct RegisterFile {
     pub lease_ttl: Option<String>,
     pub deregistration_delay: Option<String>,
     pub health: Option<HealthFile>,
+    /// The app is reached through a TLS listener with a certificate for this name.
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +144,7 @@ pub struct ListenerFile {
     pub protocol: ListenerProtocol,
     pub service: String,
     pub limits: Option<LimitsFile>,
+    pub tls: Option<ListenerTlsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +170,7 @@ pub struct ServiceFile {
     pub health_check: Option<HealthCheckFile>,
     pub rate_limit: Option<RateLimitFile>,
     pub allowed_networks: Option<Vec<String>>,
+    pub tls: Option<UpstreamTlsFile>,
 }
 
 /// A `retry_on` entry: a condition name or a status code.
@@ -284,4 +288,30 @@ pub struct LimitsFile {
     pub idle_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
+}
+
+/// A service's `tls` block: TLS to its endpoints.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    pub ca: Option<String>,
+    pub system_roots: Option<bool>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub server_name: Option<String>,
+    pub min_version: Option<String>,
+    pub alpn: Option<Vec<String>>,
+    pub allowed_sans: Option<Vec<String>>,
+}
+
+/// A listener's `tls` block: TLS termination in front of its service.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsFile {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
+    pub allowed_identities: Option<Vec<String>>,
+    pub min_version: Option<String>,
+    pub forward_client_cert: Option<bool>,
 }

@@ -12,6 +12,7 @@ mod locate;
 mod resilience;
 mod services;
 mod telemetry;
+mod tls;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use sha2::{Digest, Sha256};
 pub use inbound::{ADMIN_LIMITS, InboundLimits, LISTENER_LIMITS};
 pub use resilience::*;
 pub use telemetry::*;
+pub use tls::{ListenerTls, TlsVersion, UpstreamTls, default_alpn};
 pub use validate::{Problem, defaults};
 
 /// The validated configuration. Cheap to compare, so reload can tell what changed.
@@ -63,6 +65,9 @@ pub struct RegisterConfig {
     #[serde(with = "human")]
     pub deregistration_delay: Duration,
     pub health: HealthCheck,
+    /// Advertised as the tags `tls: "true"` and `server_name`, so that callers with a `tls`
+    /// block verify the app's listener certificate under this name.
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -132,6 +137,8 @@ pub struct ListenerConfig {
     pub service: String,
     /// TCP listeners use `max_connections` only.
     pub limits: InboundLimits,
+    /// Terminate TLS (HTTP/1.1 and h2 by ALPN, or TCP) in front of the service.
+    pub tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +157,8 @@ pub struct ServiceConfig {
     pub timeouts: Timeouts,
     #[serde(flatten)]
     pub resilience: Resilience,
+    /// Originate TLS to the endpoints.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Where a service's endpoints come from.
@@ -190,6 +199,8 @@ pub enum UpstreamProtocol {
     #[default]
     Http1,
     Http2,
+    /// Whatever ALPN negotiates per connection (h2 or http/1.1); needs `tls`.
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

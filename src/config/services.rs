@@ -67,12 +67,20 @@ impl Validator {
             health_check: s.health_check.map(|h| self.health_check(&join_key(path, "health_check"), h)),
             rate_limit: s.rate_limit.map(|r| self.rate_limit(&join_key(path, "rate_limit"), r)),
         };
+        let tls = s.tls.take().map(|t| self.upstream_tls(&join_key(path, "tls"), t, s.protocol));
+        if s.protocol == UpstreamProtocol::Auto && tls.is_none() {
+            self.problem(
+                &join_key(path, "protocol"),
+                "protocol auto negotiates with ALPN: it needs a `tls` block",
+            );
+        }
         ServiceConfig {
             discovery,
             load_balancing: s.load_balancing,
             protocol: s.protocol,
             timeouts,
             resilience,
+            tls,
         }
     }
 

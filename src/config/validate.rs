@@ -252,6 +252,7 @@ impl Validator {
         ListenerConfig {
             bind: self.addr(&join_key(path, "bind"), &l.bind),
             limits: self.limits(&join_key(path, "limits"), l.limits, &LISTENER_LIMITS),
+            tls: l.tls.map(|t| self.listener_tls(&join_key(path, "tls"), t)),
             name: l.name,
             protocol: l.protocol,
             service: l.service,

@@ -75,7 +75,7 @@ fn kratos(
 ) -> Result<Vec<EndpointSpec>, DecodeError> {
     let urls: Vec<&str> = endpoints.iter().filter_map(Value::as_str).collect();
     let preferred = match protocol {
-        UpstreamProtocol::Http2 => ["grpc://", "http://"],
+        UpstreamProtocol::Http2 | UpstreamProtocol::Auto => ["grpc://", "http://"],
         UpstreamProtocol::Http1 => ["http://", "grpc://"],
     };
     let url = preferred

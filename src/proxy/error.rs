@@ -10,8 +10,11 @@ use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 use crate::server::HeadError;
+use crate::tls::client::Failure;
 
 pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-error");
+/// With `tls_handshake_failed`: why (unknown_ca, expired, name_mismatch, …).
+pub(crate) const TLS_ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrider-tls-error");
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProxyError {
@@ -19,6 +22,8 @@ pub(crate) enum ProxyError {
     NoEndpoints(Arc<str>),
     #[error("{1}")]
     Connect(SocketAddr, String),
+    #[error("{2}")]
+    Tls(SocketAddr, Failure, String),
     #[error("no response from {0} within {t}", t = humantime::format_duration(*.1))]
     Timeout(SocketAddr, Duration),
     #[error("upstream {0} failed before responding: {1}")]
@@ -46,9 +51,10 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(..) | ProxyError::Upstream(..) | ProxyError::Refused(..) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Connect(..)
+            | ProxyError::Tls(..)
+            | ProxyError::Upstream(..)
+            | ProxyError::Refused(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody { .. } | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Head(HeadError::TooLarge) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -63,6 +69,7 @@ impl ProxyError {
         match self {
             ProxyError::NoEndpoints(_) => "no_endpoints",
             ProxyError::Connect(..) => "connect_failed",
+            ProxyError::Tls(..) => "tls_handshake_failed",
             ProxyError::Timeout(..) => "upstream_timeout",
             ProxyError::Upstream(..) => "upstream_reset",
             ProxyError::Refused(..) => "refused_stream",
@@ -77,9 +84,18 @@ impl ProxyError {
         }
     }
 
+    /// Why a TLS handshake failed, for `tls_handshake_failed`.
+    pub(crate) fn tls_failure(&self) -> Option<Failure> {
+        match self {
+            ProxyError::Tls(_, failure, _) => Some(*failure),
+            _ => None,
+        }
+    }
+
     pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
         match self {
             ProxyError::Connect(a, _)
+            | ProxyError::Tls(a, ..)
             | ProxyError::Timeout(a, _)
             | ProxyError::Upstream(a, _)
             | ProxyError::Refused(a, _) => Some(*a),
@@ -100,6 +116,9 @@ impl ProxyError {
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if let Some(failure) = self.tls_failure() {
+            headers.insert(TLS_ERROR_HEADER, HeaderValue::from_static(failure.as_str()));
+        }
         if let ProxyError::RateLimited(_, wait) = &self {
             let secs = super::ratelimit::retry_after_secs(*wait);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));

@@ -8,6 +8,7 @@
 //! is safe to repeat, or panic on any input.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
@@ -20,7 +21,9 @@ use tokio::time::Instant;
 use super::attempt::{Attempts, Verdict};
 use super::body::{Held, ProxyBody};
 use super::error::ProxyError;
-use super::observe::{Exchange, endpoint_attributes, record_attempt, span_attributes, trace_attempt};
+use super::observe::{
+    Exchange, endpoint_attributes, record_attempt, span_attributes, tls_error_attribute, trace_attempt,
+};
 use super::retry::{self, Outcome};
 use super::{Front, Upstream};
 use crate::client::body::{Outbound, RequestBody, UpstreamBody};
@@ -28,24 +31,45 @@ use crate::client::{Lease, SendError, error_chain};
 use crate::config::UpstreamProtocol;
 use crate::server::{self, HeadError};
 use crate::telemetry::{access, metrics, trace};
+use crate::tls::server::Peer;
 use crate::upstream::InFlight;
 use crate::upstream::breaker::{Admission, Refused};
+
+/// The identity of a client that presented a certificate to a TLS listener (Envoy's form).
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Reports how many attempts a request took (retries are visible to the app).
 pub(crate) const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-outrider-attempts");
 
+/// Where a request came from: a TLS listener, and with a client certificate, who.
+#[derive(Debug)]
+pub(crate) struct From {
+    pub(crate) tls: bool,
+    pub(crate) peer: Option<Arc<Peer>>,
+}
+
 /// Proxies one request; every failure becomes a response carrying `x-outrider-error`.
-pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>, front: &Front) -> Response<ProxyBody> {
+pub(crate) async fn handle(
+    up: &Upstream,
+    req: Request<Incoming>,
+    front: &Front,
+    from: &From,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone(); // shares the bytes: no allocation
     let trace = up.telemetry.tracing.as_ref().and_then(|t| {
-        Some((t, t.start(req.headers(), trace::span_name(&method), || span_attributes(up, &req))?))
+        Some((
+            t,
+            t.start(req.headers(), trace::span_name(&method), || {
+                span_attributes(up, &req, from.peer.as_deref())
+            })?,
+        ))
     });
     let mut ex = Exchange::new(trace, &method);
-    let mut reason = None;
+    let (mut reason, mut tls_error) = (None, None);
     let result = match check_head(&req, front) {
-        Ok(()) => forward(up, req, &mut ex).await,
+        Ok(()) => forward(up, req, from, &mut ex).await,
         Err(e) => Err(e),
     };
     let mut resp = match result {
@@ -53,10 +77,12 @@ pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>, front: &Front)
         Err(e) => {
             let endpoint = e.endpoint().map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(
-                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(), attempts = ex.attempts,
+                service = %up.name, %endpoint, %method, path = uri.path(), reason = e.code(),
+                tls_error = e.tls_failure().map(|f| f.as_str()), attempts = ex.attempts,
                 elapsed_ms = started.elapsed().as_millis() as u64, "request failed: {e}"
             );
             reason = Some(e.code());
+            tls_error = e.tls_failure();
             e.into_response()
         }
     };
@@ -69,7 +95,11 @@ pub(crate) async fn handle(up: &Upstream, req: Request<Incoming>, front: &Front)
     if let Some((_, cx)) = &ex.trace {
         // Our reason when Outrider answered; the status class for an upstream 5xx.
         let error = reason.or_else(|| status.is_server_error().then_some("5xx"));
-        trace::finish(cx, Some(status.as_u16()), error, || endpoint_attributes(&ex));
+        trace::finish(cx, Some(status.as_u16()), error, || {
+            let mut attrs = endpoint_attributes(&ex);
+            attrs.extend(tls_error.map(tls_error_attribute));
+            attrs
+        });
     }
     if let Some(log) = &up.telemetry.access {
         let trace_id = ex.trace.as_ref().and_then(|(_, cx)| trace::trace_id(cx));
@@ -107,16 +137,17 @@ fn check_head(req: &Request<Incoming>, front: &Front) -> Result<(), ProxyError> 
 async fn forward(
     up: &Upstream,
     req: Request<Incoming>,
+    from: &From,
     ex: &mut Exchange<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let admission = admit(up, req.headers())?;
     if wants_upgrade(&req) {
-        return upgrade(up, req, admission, ex).await;
+        return upgrade(up, req, from, admission, ex).await;
     }
     let policy = &up.config.resilience.retries;
     let safe = retry::safe_to_repeat(req.method(), req.headers(), policy);
     let (mut head, body) = req.into_parts();
-    prepare(&mut head);
+    prepare(&mut head, from);
     let mut body = RequestBody::new(body, policy.max_attempts, policy.buffer_bytes);
     let mut attempts = Attempts::new(up, policy.max_attempts);
     loop {
@@ -173,7 +204,7 @@ async fn send(
     body: &mut RequestBody<Incoming>,
 ) -> (Outcome<Incoming>, Option<Lease>) {
     let (addr, per_try) = (endpoint.addr(), attempts.per_try_timeout());
-    let sent = up.client.send(&endpoint.state().pool, addr, req);
+    let sent = up.client.send(addr, &endpoint.state().pool, req);
     match tokio::time::timeout(per_try, sent).await {
         Err(_) => (Outcome::Failed(ProxyError::Timeout(addr, per_try)), None),
         Ok(Ok((resp, lease))) => (Outcome::Response(resp), Some(lease)),
@@ -181,9 +212,17 @@ async fn send(
             let (unsent_head, unsent_body) = req.into_parts();
             head.headers = unsent_head.headers;
             body.restore(unsent_body);
-            (Outcome::Failed(ProxyError::Connect(addr, e.to_string())), None)
+            (Outcome::Failed(connect_error(addr, e)), None)
         }
         Ok(Err(SendError::Http(e))) => (Outcome::Failed(classify(addr, &e, body)), None),
+    }
+}
+
+/// A failed connect; a TLS handshake failure keeps its reason.
+pub(super) fn connect_error(addr: SocketAddr, e: crate::client::ConnectError) -> ProxyError {
+    match e {
+        crate::client::ConnectError::Tls(_, failure, _) => ProxyError::Tls(addr, failure, e.to_string()),
+        e => ProxyError::Connect(addr, e.to_string()),
     }
 }
 
@@ -221,6 +260,7 @@ fn client_fault<B>(outcome: &Outcome<B>) -> bool {
 async fn upgrade(
     up: &Upstream,
     mut req: Request<Incoming>,
+    from: &From,
     mut admission: Admission,
     ex: &mut Exchange<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -230,7 +270,7 @@ async fn upgrade(
     let downstream = hyper::upgrade::on(&mut req);
     let (mut head, body) = req.into_parts();
     let protocol = head.headers.get(header::UPGRADE).cloned();
-    prepare(&mut head);
+    prepare(&mut head, from);
     let mut body = RequestBody::new(body, 1, 0);
     let outbound = body.next().unwrap_or(Outbound::Empty);
     let mut req = request(&mut head, outbound, &endpoint, UpstreamProtocol::Http1, false)?;
@@ -258,8 +298,15 @@ async fn upgrade(
     }
 }
 
-/// Header hygiene done once per request, before any attempt.
-fn prepare(head: &mut http::request::Parts) {
+/// Header hygiene done once per request, before any attempt. On a TLS listener the client's
+/// own `x-forwarded-client-cert` is never trusted: it is replaced by the verified identity.
+fn prepare(head: &mut http::request::Parts, from: &From) {
+    if from.tls {
+        head.headers.remove(XFCC);
+        if let Some(value) = from.peer.as_ref().and_then(|p| p.forwarded.clone()) {
+            head.headers.insert(XFCC, value);
+        }
+    }
     // HTTP/2 requests carry the host in the URI only; an HTTP/1.1 upstream needs a Host header.
     if !head.headers.contains_key(header::HOST)
         && let Some(host) = head.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -281,9 +328,10 @@ fn request(
 ) -> Result<Request<UpstreamBody>, ProxyError> {
     let path = head.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut req = Request::new(body);
+    // `auto` is built for HTTP/2; a connection that negotiated HTTP/1.1 rewrites it.
     *req.uri_mut() = match protocol {
         UpstreamProtocol::Http1 => Uri::from(path),
-        UpstreamProtocol::Http2 => {
+        UpstreamProtocol::Http2 | UpstreamProtocol::Auto => {
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
             uri.authority = Some(endpoint.authority().clone());
@@ -295,18 +343,23 @@ fn request(
     *req.headers_mut() = if keep { head.headers.clone() } else { std::mem::take(&mut head.headers) };
     *req.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
+        UpstreamProtocol::Http2 | UpstreamProtocol::Auto => Version::HTTP_2,
     };
     Ok(req)
 }
 
 /// Why an attempt failed after its connection was up: the app's own body broke (its fault),
-/// the upstream refused the stream without processing it (HTTP/2 REFUSED_STREAM, or a GOAWAY
-/// whose last stream id is below ours), or the connection failed with the request on it.
+/// the upstream's TLS refused our client certificate after our side of the handshake (it
+/// never processed the request), the upstream refused the stream without processing it
+/// (HTTP/2 REFUSED_STREAM, or a GOAWAY whose last stream id is below ours), or the
+/// connection failed with the request on it.
 fn classify(addr: SocketAddr, e: &hyper::Error, body: &RequestBody<Incoming>) -> ProxyError {
     let detail = error_chain(e);
     if let Some(aborted) = body.fault() {
         return ProxyError::ClientBody { aborted, detail };
+    }
+    if let Some(failure) = crate::tls::client::rejected(e) {
+        return ProxyError::Tls(addr, failure, detail);
     }
     if refused(e) { ProxyError::Refused(addr, detail) } else { ProxyError::Upstream(addr, detail) }
 }

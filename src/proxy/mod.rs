@@ -17,7 +17,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::service::service_fn;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -26,9 +26,11 @@ use tokio_util::task::TaskTracker;
 use crate::client::Client;
 use crate::config::{InboundLimits, ListenerConfig, ListenerProtocol, ServiceConfig};
 use crate::discovery::etcd::WatchStatus;
+use crate::pki::PkiError;
 use crate::server::{self, Acceptor, InboundMetrics, Slot, Tracked};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
+use crate::tls::server::ServerTls;
 use crate::upstream::Balancer;
 use crate::upstream::breaker::Breaker;
 use crate::upstream::budget::Budget;
@@ -61,6 +63,7 @@ pub(crate) struct Shared<'a> {
     pub(crate) metrics: Arc<ServiceMetrics>,
     pub(crate) telemetry: &'a Arc<Telemetry>,
     pub(crate) tasks: &'a TaskTracker,
+    pub(crate) client: Arc<Client>,
     pub(crate) generation: u64,
     pub(crate) watch: Option<Arc<WatchStatus>>,
 }
@@ -81,6 +84,8 @@ pub(crate) struct Listener {
 pub(crate) struct Front {
     route: ArcSwap<Upstream>,
     limits: ArcSwap<InboundLimits>,
+    /// TLS termination, when the listener has it.
+    tls: ArcSwapOption<ServerTls>,
     pub(crate) metrics: Arc<InboundMetrics>,
 }
 
@@ -96,10 +101,7 @@ impl Upstream {
         previous: Option<&Upstream>,
     ) -> Upstream {
         let r = &config.resilience;
-        let client = match previous {
-            Some(p) if p.client.serves(&config) => p.client.clone(),
-            _ => Arc::new(Client::new(&config)),
-        };
+        let client = shared.client;
         let breaker = match previous {
             Some(p) if *p.breaker.config() == r.breaker => p.breaker.clone(),
             _ => Breaker::new(&r.breaker),
@@ -127,6 +129,20 @@ impl Upstream {
             watch: shared.watch,
         }
     }
+
+    /// The connection layer for `config`: the previous generation's when the settings it
+    /// depends on are unchanged (so a reload keeps pooled connections), else a new one —
+    /// which fails only when TLS material that validated a moment ago cannot be loaded now.
+    pub(crate) fn client(
+        config: &ServiceConfig,
+        previous: Option<&Upstream>,
+        tls: &crate::tls::Registry,
+    ) -> Result<Arc<Client>, PkiError> {
+        match previous {
+            Some(p) if p.client.serves(config) => Ok(p.client.clone()),
+            _ => Ok(Arc::new(Client::new(config, tls)?)),
+        }
+    }
 }
 
 // === impl Front ===
@@ -146,6 +162,7 @@ impl Listener {
         socket: TcpListener,
         config: ListenerConfig,
         route: Arc<Upstream>,
+        tls: Option<Arc<ServerTls>>,
         tracker: &TaskTracker,
         parent: &CancellationToken,
     ) -> std::io::Result<Listener> {
@@ -153,6 +170,7 @@ impl Listener {
         let front = Arc::new(Front {
             route: ArcSwap::new(route),
             limits: ArcSwap::from_pointee(config.limits.clone()),
+            tls: ArcSwapOption::new(tls),
             metrics: Arc::default(),
         });
         let stop = parent.child_token();
@@ -162,11 +180,22 @@ impl Listener {
         Ok(Listener { config, local_addr, front, stop })
     }
 
-    /// Points the listener at a new generation's service and limits (reload).
-    pub(crate) fn update(&mut self, config: &ListenerConfig, route: Arc<Upstream>) {
+    /// Points the listener at a new generation's service, limits and TLS (reload).
+    pub(crate) fn update(
+        &mut self,
+        config: &ListenerConfig,
+        route: Arc<Upstream>,
+        tls: Option<Arc<ServerTls>>,
+    ) {
         self.front.route.store(route);
         self.front.limits.store(Arc::new(config.limits.clone()));
+        self.front.tls.store(tls);
         self.config = config.clone();
+    }
+
+    /// The running TLS termination, if it was built from `cfg` (so a reload can keep it).
+    pub(crate) fn tls_if(&self, cfg: &crate::config::ListenerTls) -> Option<Arc<ServerTls>> {
+        (self.config.tls.as_ref() == Some(cfg)).then(|| self.front.tls.load_full()).flatten()
     }
 
     /// Stops accepting; open connections finish their in-flight requests, then close.
@@ -187,9 +216,19 @@ async fn accept_loop(
         match protocol {
             ListenerProtocol::Http => tracker.spawn(serve_http(stream, slot, front.clone(), stop.clone())),
             ListenerProtocol::Tcp => {
-                let up = front.route.load_full();
+                let (up, front) = (front.route.load_full(), front.clone());
                 tracker.spawn(async move {
-                    tcp::handle(up, stream).await;
+                    match front.tls.load_full() {
+                        None => tcp::handle(up, stream).await,
+                        Some(tls) => {
+                            let limits = front.limits.load_full();
+                            if let Some((stream, _, _)) =
+                                server::tls_handshake(stream, &tls, &limits, &front.metrics).await
+                            {
+                                tcp::handle(up, stream).await;
+                            }
+                        }
+                    }
                     drop(slot);
                 })
             }
@@ -204,14 +243,15 @@ async fn accept_loop(
 /// connection, under the listener's limits.
 async fn serve_http(stream: TcpStream, slot: Slot, front: Arc<Front>, stop: CancellationToken) {
     let limits = front.limits.load_full();
-    let metrics = front.metrics.clone();
-    server::serve(stream, true, &limits, &metrics, &stop, |activity| {
+    let (metrics, tls) = (front.metrics.clone(), front.tls.load_full());
+    server::serve(stream, true, tls.as_deref(), &limits, &metrics, &stop, |activity, peer| {
+        let from = Arc::new(http::From { tls: tls.is_some(), peer });
         service_fn(move |req| {
             let guard = activity.begin();
             let up = front.route.load_full();
-            let front = front.clone();
+            let (front, from) = (front.clone(), from.clone());
             async move {
-                let resp = http::handle(&up, req, &front).await;
+                let resp = http::handle(&up, req, &front, &from).await;
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, guard)))
             }
         })

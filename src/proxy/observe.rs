@@ -15,6 +15,7 @@ use super::retry::Outcome;
 use crate::client::body::UpstreamBody;
 use crate::telemetry::metrics;
 use crate::telemetry::trace::{self, Tracing};
+use crate::tls::server::Peer;
 use crate::upstream::InFlight;
 
 /// What one request's attempts leave behind for metrics, spans and the access log.
@@ -48,7 +49,7 @@ impl<'a> Exchange<'a> {
     }
 }
 
-pub(super) fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<KeyValue> {
+pub(super) fn span_attributes(up: &Upstream, req: &Request<Incoming>, peer: Option<&Peer>) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new("http.request.method", req.method().as_str().to_string()),
         KeyValue::new("url.path", req.uri().path().to_string()),
@@ -57,6 +58,9 @@ pub(super) fn span_attributes(up: &Upstream, req: &Request<Incoming>) -> Vec<Key
         KeyValue::new("outrider.config_generation", up.generation as i64),
         KeyValue::new("outrider.breaker_state", up.breaker.state_name()),
     ];
+    if let Some(peer) = peer {
+        attrs.push(KeyValue::new("outrider.peer_identity", peer.info.identity().to_string()));
+    }
     if let Some(w) = &up.watch {
         attrs.push(KeyValue::new(
             "outrider.discovery_revision",
@@ -103,8 +107,13 @@ pub(super) fn record_attempt(
         Outcome::Failed(_) => None,
     };
     in_flight.state().requests.add(ex.method, metrics::status_class(status));
-    if let Outcome::Failed(ProxyError::Connect(..)) = outcome {
-        metrics::inc(&up.metrics.connect_errors);
+    match outcome {
+        Outcome::Failed(ProxyError::Connect(..)) => metrics::inc(&up.metrics.connect_errors),
+        Outcome::Failed(ProxyError::Tls(_, failure, _)) => {
+            metrics::inc(&up.metrics.connect_errors);
+            up.metrics.tls_failure(*failure);
+        }
+        _ => {}
     }
     if let Some(cx) = span {
         let error = match outcome {
@@ -113,13 +122,24 @@ pub(super) fn record_attempt(
             Outcome::Response(_) => None,
         };
         let endpoint = in_flight.addr();
+        let tls_error = match outcome {
+            Outcome::Failed(e) => e.tls_failure(),
+            Outcome::Response(_) => None,
+        };
         let attrs = || {
-            vec![
+            let mut attrs = vec![
                 KeyValue::new("server.address", endpoint.ip().to_string()),
                 KeyValue::new("server.port", i64::from(endpoint.port())),
                 KeyValue::new("outrider.endpoint", endpoint.to_string()),
-            ]
+            ];
+            attrs.extend(tls_error.map(tls_error_attribute));
+            attrs
         };
         trace::finish(&cx, status.map(|s| s.as_u16()), error, attrs);
     }
+}
+
+/// Why a TLS handshake with the upstream failed (`unknown_ca`, `expired`, …).
+pub(super) fn tls_error_attribute(failure: crate::tls::client::Failure) -> KeyValue {
+    KeyValue::new("outrider.tls_error", failure.as_str())
 }

@@ -59,7 +59,7 @@ impl<B> Outcome<B> {
     /// The retry condition this outcome meets under `policy`.
     pub(crate) fn retry(&self, policy: &Retries) -> Retry {
         let (condition, unsent) = match self {
-            Outcome::Failed(ProxyError::Connect(..)) => (RetryOn::ConnectFailure, true),
+            Outcome::Failed(ProxyError::Connect(..) | ProxyError::Tls(..)) => (RetryOn::ConnectFailure, true),
             Outcome::Failed(ProxyError::Refused(..)) => (RetryOn::RefusedStream, true),
             Outcome::Failed(ProxyError::Upstream(..)) => (RetryOn::Reset, false),
             Outcome::Failed(ProxyError::Timeout(..)) => (RetryOn::Timeout, false),

@@ -11,12 +11,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Upstream;
 use super::attempt::{Attempts, Verdict};
 use super::retry::Retry;
+use crate::client::Stream;
 use crate::config::RetryOn;
 use crate::telemetry::{metrics, trace};
 use crate::upstream::InFlight;
@@ -25,7 +25,7 @@ use opentelemetry::KeyValue;
 
 /// Proxies one accepted connection to the chosen endpoint until both sides close. A refused
 /// connection (rate limit, open breaker, no endpoint, connect failure) is simply closed.
-pub(crate) async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
+pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(up: Arc<Upstream>, mut inbound: S) {
     let refuse = |reason: &str| tracing::warn!(service = %up.name, reason, "tcp connection refused");
     if up.limiter.as_ref().is_some_and(|l| l.check(None).is_err()) {
         metrics::inc(&up.metrics.rate_limited);
@@ -83,7 +83,7 @@ pub(crate) async fn handle(up: Arc<Upstream>, mut inbound: TcpStream) {
 /// Connects to an endpoint through the same attempt loop as HTTP: after a connect failure
 /// (nothing was sent, so always safe) another endpoint, with backoff, within the budget and
 /// the request timeout.
-async fn connect(up: &Upstream) -> Option<(TcpStream, InFlight)> {
+async fn connect(up: &Upstream) -> Option<(Stream, InFlight)> {
     let policy = &up.config.resilience.retries;
     let mut attempts = Attempts::new(up, policy.max_attempts);
     loop {
@@ -94,7 +94,7 @@ async fn connect(up: &Upstream) -> Option<(TcpStream, InFlight)> {
                 return None;
             }
         };
-        let error = match up.client.connector().connect(endpoint.addr()).await {
+        let error = match up.client.connect(endpoint.addr(), &endpoint.state().pool).await {
             Ok(stream) => {
                 attempts.report(&endpoint, false);
                 return Some((stream, endpoint));
@@ -103,8 +103,19 @@ async fn connect(up: &Upstream) -> Option<(TcpStream, InFlight)> {
         };
         attempts.report(&endpoint, true);
         metrics::inc(&up.metrics.connect_errors);
+        let tls_error = match &error {
+            crate::client::ConnectError::Tls(_, failure, _) => Some(*failure),
+            _ => None,
+        };
+        if let Some(failure) = tls_error {
+            up.metrics.tls_failure(failure);
+        }
+        let reason = if tls_error.is_some() { "tls_handshake_failed" } else { "connect_failed" };
         let (attempt, addr) = (attempts.count(), endpoint.addr());
-        tracing::warn!(service = %up.name, endpoint = %addr, reason = "connect_failed", attempt, "tcp connect failed: {error}");
+        tracing::warn!(
+            service = %up.name, endpoint = %addr, reason, tls_error = tls_error.map(|f| f.as_str()), attempt,
+            "tcp connect failed: {error}"
+        );
         let retry =
             if policy.retry_on.contains(&RetryOn::ConnectFailure) { Retry::Unsent } else { Retry::No };
         match attempts.verdict(retry, true, true, None) {

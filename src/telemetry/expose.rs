@@ -158,6 +158,18 @@ impl Collector for AppCollector {
             "Failed TCP connects to endpoints.",
             &per_service(&|u| get(&m(u).connect_errors)),
         )?;
+        let mut rows = Vec::new();
+        for (n, up) in &ups {
+            for (f, c) in crate::tls::client::FAILURES.iter().zip(&up.metrics.tls_failures) {
+                rows.push((vec![("service", n.as_str()), ("reason", f.as_str())], get(c)));
+            }
+        }
+        counter(
+            &mut enc,
+            "outrider_tls_handshake_failures",
+            "TLS handshakes with endpoints that failed, by reason.",
+            &rows,
+        )?;
         counter(&mut enc, "outrider_retries", "Retries sent.", &per_service(&|u| get(&m(u).retries)))?;
         counter(
             &mut enc,
@@ -298,6 +310,37 @@ impl Collector for AppCollector {
             "outrider_inbound_refused",
             "Connections closed or requests refused by a listener's limits, by reason.",
             &rows,
+        )?;
+        let mut rows = Vec::new();
+        for (n, m) in inbound.iter() {
+            for (r, c) in crate::tls::server::REFUSALS.iter().zip(&m.tls_refusals) {
+                rows.push((vec![("listener", n.as_str()), ("reason", r.as_str())], get(c)));
+            }
+        }
+        counter(
+            &mut enc,
+            "outrider_tls_inbound_refused",
+            "TLS handshakes a listener refused, by reason.",
+            &rows,
+        )?;
+        let certs = app.tls().certificates();
+        let rows: Vec<_> = certs
+            .iter()
+            .map(|(file, i)| {
+                (vec![("file", file.as_str()), ("subject", i.subject.as_str())], i.expiry_unix())
+            })
+            .collect();
+        gauge(
+            &mut enc,
+            "outrider_tls_certificate_expiry_timestamp_seconds",
+            "When each loaded certificate expires (seconds since the epoch).",
+            &rows,
+        )?;
+        counter(
+            &mut enc,
+            "outrider_tls_reload_failures",
+            "TLS files that failed to load on rotation (the old material stayed).",
+            &[(vec![], app.tls().failures.load(Ordering::Relaxed))],
         )?;
         if let Some(state) = app.registration_state_now() {
             gauge(

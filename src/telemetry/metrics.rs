@@ -99,6 +99,15 @@ pub struct ServiceMetrics {
     pub tcp_connections: AtomicU64,
     pub tcp_bytes_up: AtomicU64,
     pub tcp_bytes_down: AtomicU64,
+    /// TLS handshake failures with endpoints, by reason (see `tls::client::FAILURES`).
+    pub(crate) tls_failures: [AtomicU64; 9],
+}
+
+impl ServiceMetrics {
+    pub(crate) fn tls_failure(&self, failure: crate::tls::client::Failure) {
+        let i = crate::tls::client::FAILURES.iter().position(|f| *f == failure).unwrap_or(8);
+        inc(&self.tls_failures[i]);
+    }
 }
 
 pub fn inc(c: &AtomicU64) {

@@ -48,7 +48,7 @@ pub struct EndpointState {
     pub(crate) authority: Authority,
     /// Attempts sent here, by method and status class (for `/metrics`).
     pub(crate) requests: Matrix,
-    /// Connections to this endpoint.
+    /// Connections to this endpoint (and the TLS name from its `server_name` tag).
     pub(crate) pool: Pool,
 }
 
@@ -275,13 +275,12 @@ impl Owner {
             old.endpoints.iter().map(|e| (e.addr, &e.state)).collect();
         let endpoints: Vec<Endpoint> = specs
             .iter()
-            .map(|s| Endpoint {
-                addr: s.addr,
-                weight: s.weight.get(),
-                tags: Arc::new(s.tags.clone()),
-                state: known
+            .map(|s| {
+                let state = known
                     .get(&s.addr)
-                    .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st)),
+                    .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st));
+                state.pool.set_server_name(s.tags.get("server_name"));
+                Endpoint { addr: s.addr, weight: s.weight.get(), tags: Arc::new(s.tags.clone()), state }
             })
             .collect();
         self.store(endpoints, true);

@@ -39,6 +39,10 @@ pub async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(LIMIT, f).await.expect("test step timed out")
 }
 
+/// A connection a test backend serves: plain TCP or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A real HTTP/1.1 + h2c server on a loopback port the OS picked.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -62,6 +66,15 @@ impl Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
+        Backend::serve_with(socket, None, handler)
+    }
+
+    /// Serves on `socket`, over TLS when `tls` is given.
+    pub fn serve_with<F, Fut>(socket: TcpListener, tls: Option<tls::Acceptor>, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
         let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
         let addr = socket.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -74,6 +87,7 @@ impl Backend {
                     r = socket.accept() => match r { Ok((s, _)) => s, Err(_) => return },
                 };
                 let (handler, counter, killed) = (handler.clone(), counter.clone(), killed.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
@@ -81,7 +95,14 @@ impl Backend {
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let io: Box<dyn Io> = match &tls {
+                        None => Box::new(stream),
+                        Some(tls) => match tls.accept(stream).await {
+                            Some(s) => Box::new(s),
+                            None => return,
+                        },
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                     tokio::select! {
                         _ = conn => {}
                         () = killed.cancelled() => {} // dropped mid-request, as a crash would
@@ -272,6 +293,7 @@ where
 }
 
 pub mod etcd;
+pub mod tls;
 
 /// The real `outrider` binary running a config written to a temp dir; its stderr (logs) and
 /// stdout (access log) arrive line by line. Killed when dropped.
@@ -290,6 +312,11 @@ impl Binary {
 
     /// Like [`Binary::spawn`], with the open-files limit (`ulimit -n`) set to `nofile`.
     pub fn spawn_with(yaml: &str, nofile: Option<u32>) -> Binary {
+        Binary::spawn_env(yaml, nofile, &[])
+    }
+
+    /// Like [`Binary::spawn_with`], with extra environment variables.
+    pub fn spawn_env(yaml: &str, nofile: Option<u32>, env: &[(&str, &str)]) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outrider.yaml");
         std::fs::write(&path, yaml).unwrap();
@@ -306,6 +333,7 @@ impl Binary {
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -333,7 +361,12 @@ impl Binary {
     }
 
     pub fn sigterm(&self) {
-        let status = std::process::Command::new("kill").args(["-TERM", &self.pid()]).status();
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill").args([&format!("-{name}"), &self.pid()]).status();
         assert!(status.unwrap().success());
     }
 
