@@ -318,8 +318,8 @@ pub(crate) fn versions(
     }
 }
 
-/// The crypto provider (ring: already in the build for the etcd client; see issue 9's note
-/// for the measurement against aws-lc-rs).
+/// The crypto provider. ring: already in the build (the etcd client's TLS), no C toolchain
+/// step; aws-lc-rs measured within a few percent of it (benches/RESULTS.md, "TLS provider").
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
