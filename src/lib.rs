@@ -20,6 +20,7 @@ mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+mod etcd;
 mod pki;
 mod proxy;
 mod register;

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EtcdConfig, RegisterConfig};
-use crate::discovery::etcd::connect;
+use crate::etcd::Etcd;
 use crate::upstream::health::{Prober, Streak};
 
 /// The running registration task.
@@ -42,11 +42,12 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 // === impl Registrar ===
 
 impl Registrar {
-    pub fn start(register: RegisterConfig, etcd: EtcdConfig) -> Registrar {
+    pub(crate) fn start(register: RegisterConfig, etcd: Arc<Etcd>) -> Registrar {
         let state = Arc::new(Mutex::new("waiting_for_health"));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(register.clone(), etcd.clone(), state.clone(), stop.clone()));
-        Registrar { config: (register, etcd), state, stop, task }
+        let config = (register.clone(), etcd.config().clone());
+        let task = tokio::spawn(run(register, etcd, state.clone(), stop.clone()));
+        Registrar { config, state, stop, task }
     }
 
     /// `waiting_for_health`, `registered`, `withdrawn` (gate failing) or `error`.
@@ -61,12 +62,7 @@ impl Registrar {
     }
 }
 
-async fn run(
-    cfg: RegisterConfig,
-    etcd: EtcdConfig,
-    state: Arc<Mutex<&'static str>>,
-    stop: CancellationToken,
-) {
+async fn run(cfg: RegisterConfig, etcd: Arc<Etcd>, state: Arc<Mutex<&'static str>>, stop: CancellationToken) {
     let set = |s: &'static str| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
     let h = &cfg.health;
     let prober = Prober::new(h.kind.clone(), h.timeout);
@@ -150,9 +146,9 @@ async fn watch_own_key(lease: &mut Option<Lease>) -> Result<(), Error> {
 // === impl Lease ===
 
 impl Lease {
-    async fn register(cfg: &RegisterConfig, etcd: &EtcdConfig) -> Result<Lease, Error> {
-        let mut client = connect(etcd).await?;
-        let t = etcd.request_timeout;
+    async fn register(cfg: &RegisterConfig, etcd: &Etcd) -> Result<Lease, Error> {
+        let mut client = etcd.client().await?;
+        let t = etcd.config().request_timeout;
         let grant =
             tokio::time::timeout(t, client.lease_grant(cfg.lease_ttl.as_secs() as i64, None)).await??;
         let (keeper, acks) = tokio::time::timeout(t, client.lease_keep_alive(grant.id())).await??;
@@ -191,8 +187,8 @@ impl Lease {
     }
 
     /// Best effort: the lease expiring removes the key anyway.
-    async fn delete(mut self, cfg: &RegisterConfig, etcd: &EtcdConfig) {
-        let t = etcd.request_timeout;
+    async fn delete(mut self, cfg: &RegisterConfig, etcd: &Etcd) {
+        let t = etcd.config().request_timeout;
         match tokio::time::timeout(t, self.client.delete(cfg.key.as_str(), None)).await {
             Ok(Ok(_)) => tracing::info!(key = %cfg.key, "deregistered the app from etcd"),
             Ok(Err(e)) => {

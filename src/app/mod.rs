@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::discovery::Sources;
 use crate::proxy::{Listener, Upstream};
 use crate::register::Registrar;
 use crate::server::InboundMetrics;
@@ -79,6 +80,8 @@ struct Inner {
     /// Configured listeners that could not be (re)bound on the last reload: not ready.
     unbound: std::sync::Mutex<Vec<String>>,
     discoveries: Mutex<HashMap<String, ServiceTasks>>,
+    /// The one etcd connection (kept across reloads while the `etcd` block stays the same).
+    etcd: std::sync::Mutex<Option<Arc<crate::etcd::Etcd>>>,
     registrar: Mutex<Option<Registrar>>,
     telemetry: Arc<Telemetry>,
     /// TLS material in use, re-read on file changes and SIGHUP.
@@ -108,7 +111,8 @@ impl App {
         let mut discoveries = HashMap::new();
         let tracker = TaskTracker::new();
         let tls = Arc::new(crate::tls::Registry::default());
-        let cx = Context { telemetry: &telemetry, tracker: &tracker, tls: &tls };
+        let sources = Sources { etcd: config.etcd.clone().map(|c| Arc::new(crate::etcd::Etcd::new(c))) };
+        let cx = Context { telemetry: &telemetry, tracker: &tracker, tls: &tls, sources: &sources };
         let upstreams = build_upstreams(&config, None, &mut discoveries, cx).await?;
         let stop_accepting = CancellationToken::new();
         let mut listeners = Vec::new();
@@ -136,6 +140,7 @@ impl App {
                 inbound: ArcSwap::from_pointee(Vec::new()),
                 unbound: std::sync::Mutex::new(Vec::new()),
                 discoveries: Mutex::new(discoveries),
+                etcd: std::sync::Mutex::new(sources.etcd.clone()),
                 registrar: Mutex::new(None),
                 telemetry,
                 tls,
@@ -301,7 +306,21 @@ impl App {
         if let Some(old) = registrar.take() {
             old.withdraw().await;
         }
-        *registrar = wanted.map(|(r, e)| Registrar::start(r, e));
+        let etcd = self.sources(config).etcd;
+        *registrar = config.register.clone().zip(etcd).map(|(r, e)| Registrar::start(r, e));
+    }
+
+    /// The shared clients for `config`: the running etcd connection while the `etcd` block
+    /// is unchanged, a new one (replacing it) when it changed.
+    pub(crate) fn sources(&self, config: &Config) -> Sources {
+        let mut slot = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
+        let etcd = match (slot.as_ref(), &config.etcd) {
+            (Some(e), Some(c)) if e.config() == c => Some(e.clone()),
+            (_, Some(c)) => Some(Arc::new(crate::etcd::Etcd::new(c.clone()))),
+            (_, None) => None,
+        };
+        slot.clone_from(&etcd);
+        Sources { etcd }
     }
 
     /// `None` when registration is not configured.

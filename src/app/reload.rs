@@ -92,10 +92,12 @@ impl App {
         let plan = plan_listeners(&listeners, &config.listeners, &self.inner.tls)?;
         let upstreams = {
             let mut discoveries = self.inner.discoveries.lock().await;
+            let sources = self.sources(&config);
             let cx = Context {
                 telemetry: &self.inner.telemetry,
                 tracker: &self.inner.tracker,
                 tls: &self.inner.tls,
+                sources: &sources,
             };
             build_upstreams(&config, Some(&current), &mut discoveries, cx).await?
         };
@@ -228,6 +230,8 @@ pub(super) struct Context<'a> {
     pub(super) telemetry: &'a Arc<Telemetry>,
     pub(super) tracker: &'a TaskTracker,
     pub(super) tls: &'a crate::tls::Registry,
+    /// Clients discovery shares (the etcd connection).
+    pub(super) sources: &'a crate::discovery::Sources,
 }
 
 /// Builds each service's generation view, reusing the owner tasks (endpoint state),
@@ -248,7 +252,6 @@ pub(super) async fn build_upstreams(
     }
     let mut next = HashMap::new();
     let mut upstreams = BTreeMap::new();
-    let etcd = config.etcd.as_ref();
     for (name, svc) in &config.services {
         let prev = previous.and_then(|r| r.upstreams.get(name));
         let outlier = &svc.resilience.outlier;
@@ -260,8 +263,8 @@ pub(super) async fn build_upstreams(
         let handle = service.handle();
         handle.configure(svc.load_balancing, outlier).await;
         let discovery = match old_discovery {
-            Some(d) => d.reconfigure(name, &svc.discovery, etcd, svc.protocol, handle).await,
-            None => Discovery::start(name, &svc.discovery, etcd, svc.protocol, handle).await,
+            Some(d) => d.reconfigure(name, &svc.discovery, cx.sources, svc.protocol, handle).await,
+            None => Discovery::start(name, &svc.discovery, cx.sources, svc.protocol, handle).await,
         };
         let balancer = handle.balancer().clone();
         let metrics: Arc<ServiceMetrics> = prev.map_or_else(Default::default, |p| p.metrics.clone());

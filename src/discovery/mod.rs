@@ -12,7 +12,14 @@ use std::sync::Arc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{DiscoveryConfig, EtcdConfig, UpstreamProtocol};
+use crate::etcd::Etcd;
 use crate::upstream::ServiceHandle;
+
+/// The process-wide clients discovery sources share: one etcd connection for every watch.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sources {
+    pub(crate) etcd: Option<Arc<Etcd>>,
+}
 
 /// A running discovery source for one service. Dropping it stops the source.
 #[derive(Debug)]
@@ -27,10 +34,12 @@ pub(crate) struct Discovery {
 /// cluster settings and the upstream protocol (Kratos values offer one address per scheme).
 type Key = (DiscoveryConfig, Option<EtcdConfig>, Option<UpstreamProtocol>);
 
-fn key(config: &DiscoveryConfig, etcd: Option<&EtcdConfig>, protocol: UpstreamProtocol) -> Key {
+fn key(config: &DiscoveryConfig, sources: &Sources, protocol: UpstreamProtocol) -> Key {
     match config {
         DiscoveryConfig::Static { .. } => (config.clone(), None, None),
-        DiscoveryConfig::Etcd { .. } => (config.clone(), etcd.cloned(), Some(protocol)),
+        DiscoveryConfig::Etcd { .. } => {
+            (config.clone(), sources.etcd.as_ref().map(|e| e.config().clone()), Some(protocol))
+        }
     }
 }
 
@@ -42,12 +51,12 @@ impl Discovery {
     pub(crate) async fn start(
         name: &str,
         config: &DiscoveryConfig,
-        etcd: Option<&EtcdConfig>,
+        sources: &Sources,
         protocol: UpstreamProtocol,
         service: &ServiceHandle,
     ) -> Discovery {
-        let key = key(config, etcd, protocol);
-        match (config, etcd) {
+        let key = key(config, sources, protocol);
+        match (config, &sources.etcd) {
             (DiscoveryConfig::Static { endpoints }, _) => {
                 if endpoints.is_empty() {
                     tracing::warn!(
@@ -62,14 +71,14 @@ impl Discovery {
                 let stop = CancellationToken::new();
                 let watch = etcd::Watch {
                     service: name.to_string(),
-                    cluster: cluster.clone(),
                     prefix: prefix.clone(),
                     selector: selector.clone(),
                     allowed: allowed_networks.clone(),
                     protocol,
+                    snapshot_dir: cluster.config().snapshot_dir.clone(),
                 };
                 let status = Arc::new(etcd::WatchStatus::default());
-                tokio::spawn(watch.run(service.clone(), status.clone(), stop.clone()));
+                tokio::spawn(watch.run(cluster.clone(), service.clone(), status.clone(), stop.clone()));
                 Discovery { key, etcd: Some(status), _stop: Some(stop.drop_guard()) }
             }
             (DiscoveryConfig::Etcd { .. }, None) => {
@@ -85,14 +94,14 @@ impl Discovery {
         self,
         name: &str,
         config: &DiscoveryConfig,
-        etcd: Option<&EtcdConfig>,
+        sources: &Sources,
         protocol: UpstreamProtocol,
         service: &ServiceHandle,
     ) -> Discovery {
-        if self.key == key(config, etcd, protocol) {
+        if self.key == key(config, sources, protocol) {
             return self;
         }
         drop(self);
-        Discovery::start(name, config, etcd, protocol, service).await
+        Discovery::start(name, config, sources, protocol, service).await
     }
 }

@@ -1,0 +1,179 @@
+//! Following a key prefix for as long as its user lives: list, then watch.
+//!
+//! Algorithm: get the prefix at revision R, publish the whole map of values, watch from R+1
+//! and publish the map again after each batch of events. A compacted watch is re-listed and
+//! resumed; any other error retries with jittered exponential backoff on the shared
+//! connection, while the user keeps what it last published — never an empty set because
+//! etcd is away. Watches require a leader and the channel sends HTTP/2 keepalives, so a
+//! partitioned member surfaces as an error instead of a silent hang.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::{Etcd, EtcdError, backoff};
+
+/// The values under a prefix, by key.
+pub(crate) type Values = BTreeMap<String, Vec<u8>>;
+
+/// What `/upstreams` and `/metrics` show of a watch.
+#[derive(Debug, Default)]
+pub struct WatchStatus {
+    pub revision: AtomicI64,
+    pub reconnects: AtomicU64,
+    /// Values the user could not read (logged and skipped).
+    pub undecodable: AtomicU64,
+    /// Endpoints refused because their address is outside `allowed_networks`.
+    pub refused: AtomicU64,
+    state: Mutex<(&'static str, Option<SystemTime>)>,
+}
+
+// === impl WatchStatus ===
+
+impl WatchStatus {
+    pub(crate) fn set_state(&self, state: &'static str) {
+        self.lock().0 = state;
+    }
+
+    fn updated(&self, revision: i64) {
+        self.revision.store(revision, Ordering::Relaxed);
+        self.lock().1 = Some(SystemTime::now());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (&'static str, Option<SystemTime>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn seconds_since_update(&self) -> Option<f64> {
+        self.lock().1.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64())
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let since = self.seconds_since_update();
+        let (state, _) = *self.lock();
+        serde_json::json!({
+            "state": state,
+            "revision": self.revision.load(Ordering::Relaxed),
+            "seconds_since_update": since,
+            "reconnects": self.reconnects.load(Ordering::Relaxed),
+            "undecodable_values": self.undecodable.load(Ordering::Relaxed),
+            "refused_endpoints": self.refused.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Follows `prefix` until `stop`, calling `publish` with every value under it and the
+/// revision they were read at. `what` names the watch in logs.
+pub(crate) async fn follow(
+    etcd: Arc<Etcd>,
+    prefix: String,
+    what: String,
+    status: Arc<WatchStatus>,
+    stop: CancellationToken,
+    mut publish: impl FnMut(&Values, i64),
+) {
+    if status.lock().0.is_empty() {
+        status.set_state("connecting");
+    }
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            r = session(&etcd, &prefix, &status, &mut attempt, &mut publish) => r,
+        };
+        let Err(e) = result;
+        etcd.failed(&e).await;
+        status.reconnects.fetch_add(1, Ordering::Relaxed);
+        status.set_state("disconnected");
+        let delay = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(watch = %what, retry_in = ?delay, "etcd watch failed, keeping what it last delivered: {e}");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            back = etcd.wait_for_retry(delay, e.is_connectivity()) => if back {
+                tracing::info!(watch = %what, "etcd is reachable again: retrying now");
+                attempt = 0;
+            },
+        }
+    }
+}
+
+/// List, then watch until an error. Never returns `Ok`.
+async fn session(
+    etcd: &Etcd,
+    prefix: &str,
+    status: &WatchStatus,
+    attempt: &mut u32,
+    publish: &mut impl FnMut(&Values, i64),
+) -> Result<std::convert::Infallible, EtcdError> {
+    let mut client = etcd.client().await?;
+    let timeout = etcd.config().request_timeout;
+    let mut values = Values::new();
+    let mut revision = list(&mut client, prefix, timeout, &mut values).await?;
+    publish(&values, revision);
+    status.updated(revision);
+    *attempt = 0;
+    loop {
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        // Creating a watch waits for a ready channel: bound it like any request.
+        let create = client.watch(prefix, Some(options));
+        let mut stream =
+            tokio::time::timeout(timeout, create).await.map_err(|_| EtcdError::Timeout(timeout))??;
+        status.set_state("watching");
+        loop {
+            let Some(resp) = stream.message().await? else {
+                return Err(EtcdError::Ended("stream closed by etcd".into()));
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    tracing::info!(%prefix, compacted = resp.compact_revision(), "watch fell behind a compaction; re-listing");
+                    revision = list(&mut client, prefix, timeout, &mut values).await?;
+                    publish(&values, revision);
+                    status.updated(revision);
+                    break;
+                }
+                return Err(EtcdError::Ended(resp.cancel_reason().to_string()));
+            }
+            let events = resp.events();
+            for event in events {
+                let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                match event.event_type() {
+                    EventType::Put => {
+                        values.insert(key, kv.value().to_vec());
+                    }
+                    EventType::Delete => {
+                        values.remove(&key);
+                    }
+                }
+            }
+            if let Some(h) = resp.header() {
+                revision = revision.max(h.revision());
+            }
+            if !events.is_empty() {
+                publish(&values, revision);
+                status.updated(revision);
+            }
+        }
+    }
+}
+
+/// Reads the whole prefix into `values`; the revision it was read at.
+async fn list(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    timeout: std::time::Duration,
+    values: &mut Values,
+) -> Result<i64, EtcdError> {
+    let get = client.get(prefix, Some(GetOptions::new().with_prefix()));
+    let resp = tokio::time::timeout(timeout, get).await.map_err(|_| EtcdError::Timeout(timeout))??;
+    values.clear();
+    for kv in resp.kvs() {
+        values.insert(String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec());
+    }
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
