@@ -127,6 +127,7 @@ fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {
     match d {
         crate::config::DiscoveryConfig::Static { .. } => "static",
         crate::config::DiscoveryConfig::Etcd { .. } => "etcd",
+        crate::config::DiscoveryConfig::Dns { .. } => "dns",
     }
 }
 

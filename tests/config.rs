@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::time::Duration;
 
 use outrider::config::{Config, ConfigError, Problem};
 
@@ -65,9 +66,13 @@ fn every_shipped_config_file_is_valid() {
             }
         }
     }
-    for expected in
-        ["config/reference.yaml", "config/quickstart.yaml", "k8s/outrider.yaml", "k8s/outrider-mtls.yaml"]
-    {
+    for expected in [
+        "config/reference.yaml",
+        "config/quickstart.yaml",
+        "k8s/outrider.yaml",
+        "k8s/outrider-mtls.yaml",
+        "deploy/outrider.yaml",
+    ] {
         assert!(checked.iter().any(|c| c == expected), "{expected} not checked: {checked:?}");
     }
 }
@@ -122,7 +127,7 @@ services:
     endpoints:
       - addr: 127.0.0.1:8080
         weight: 0
-      - addr: not-an-address
+      - addr: db:http
       - addr: 127.0.0.1:8080
     timeouts:
       request: 2h
@@ -133,7 +138,7 @@ services:
     assert_problem(&all, "listeners[1].name", 9, "duplicate listener name");
     assert_problem(&all, "listeners[1].service", 11, "unknown service \"billing\"");
     assert_problem(&all, "services.payments.endpoints[0].weight", 16, "between 1 and 65535, got 0");
-    assert_problem(&all, "services.payments.endpoints[1].addr", 17, "not an IP:port");
+    assert_problem(&all, "services.payments.endpoints[1].addr", 17, "not an address: IP:port or host:port");
     assert_problem(&all, "services.payments.endpoints[2].addr", 18, "duplicate endpoint");
     assert_problem(&all, "services.payments.timeouts.request", 20, "out of range");
     assert_eq!(all.len(), 8, "{all:#?}");
@@ -286,4 +291,80 @@ fn allowed_networks_are_cidrs_and_only_for_discovered_endpoints() {
     let all = problems(&yaml);
     assert_problem(&all, "allowed_networks[1]", 1, "not a CIDR");
     assert_problem(&all, "services.payments.allowed_networks", 10, "static ones are listed here");
+}
+
+#[test]
+fn dns_discovery_mistakes_name_their_path_and_line() {
+    let yaml = "\
+dns:
+  servers: [10.96.0.10, 10.96.0.11:5353, dns.local]
+  min_refresh: 10s
+  max_refresh: 5s
+listeners:
+  - name: front
+    bind: 127.0.0.1:7001
+    service: a
+services:
+  a:
+    discovery: dns
+    dns:
+      name: payments.prod.svc.cluster.local
+  b:
+    discovery: dns
+    dns:
+      srv: _grpc._tcp.payments
+      weight: 3
+  c:
+    discovery: dns
+    dns:
+      name: bad name
+      port: 0
+  d:
+    dns:
+      name: x
+      port: 1
+    endpoints: []
+  e:
+    discovery: dns
+  f:
+    endpoints:
+      - addr: payments:8080
+      - addr: PAYMENTS:8080
+";
+    let all = problems(yaml);
+    assert_problem(&all, "dns.servers[2]", 2, "not a name server address");
+    assert_problem(&all, "dns.max_refresh", 4, "must not be below min_refresh");
+    assert_problem(&all, "services.a.dns.port", 12, "a `name` needs a `port`");
+    assert_problem(&all, "services.b.dns.weight", 18, "SRV records carry their own weights");
+    assert_problem(&all, "services.c.dns.name", 22, "not a DNS name");
+    assert_problem(&all, "services.c.dns.port", 23, "between 1 and 65535");
+    assert_problem(&all, "services.d.dns", 25, "needs `discovery: dns`");
+    assert_problem(&all, "services.e.dns", 29, "needs a `dns` block");
+    assert_problem(&all, "services.f.endpoints[1].addr", 34, "duplicate endpoint");
+    assert_eq!(all.len(), 9, "{all:#?}");
+}
+
+#[test]
+fn host_names_in_endpoints_are_resolved_by_dns_with_the_documented_defaults() {
+    let yaml = format!("{BASE}      - addr: payments.prod.svc.cluster.local:8080\n        weight: 2\n");
+    let config = Config::parse_with_env(&yaml, HashMap::new()).unwrap();
+    let d = &config.dns;
+    assert_eq!(d.resolv_conf, std::path::Path::new("/etc/resolv.conf"));
+    assert!(d.servers.is_empty());
+    assert_eq!(
+        (d.timeout, d.min_refresh, d.max_refresh),
+        (Duration::from_secs(2), Duration::from_secs(1), Duration::from_secs(30))
+    );
+    let outrider::config::DiscoveryConfig::Dns { names, fixed, allowed_networks } =
+        &config.services["payments"].discovery
+    else {
+        panic!("a host name makes the list DNS-resolved");
+    };
+    assert_eq!(fixed.len(), 1);
+    assert!(allowed_networks.is_empty());
+    assert_eq!(names[0].query.to_string(), "payments.prod.svc.cluster.local:8080");
+    assert_eq!(names[0].weight.get(), 2);
+
+    let unreadable = yaml.replace("services:", "dns:\n  resolv_conf: /nonexistent/resolv.conf\nservices:");
+    assert_problem(&problems(&unreadable), "dns.resolv_conf", 6, "cannot read /nonexistent/resolv.conf");
 }

@@ -80,8 +80,9 @@ struct Inner {
     /// Configured listeners that could not be (re)bound on the last reload: not ready.
     unbound: std::sync::Mutex<Vec<String>>,
     discoveries: Mutex<HashMap<String, ServiceTasks>>,
-    /// The one etcd connection (kept across reloads while the `etcd` block stays the same).
-    etcd: std::sync::Mutex<Option<Arc<crate::etcd::Etcd>>>,
+    /// The one etcd connection and the one resolver (each kept across reloads while its
+    /// block stays the same).
+    sources: std::sync::Mutex<Sources>,
     registrar: Mutex<Option<Registrar>>,
     telemetry: Arc<Telemetry>,
     /// TLS material in use, re-read on file changes and SIGHUP.
@@ -111,7 +112,7 @@ impl App {
         let mut discoveries = HashMap::new();
         let tracker = TaskTracker::new();
         let tls = Arc::new(crate::tls::Registry::default());
-        let sources = Sources { etcd: config.etcd.clone().map(|c| Arc::new(crate::etcd::Etcd::new(c))) };
+        let sources = Sources::default().update(&config);
         let cx = Context { telemetry: &telemetry, tracker: &tracker, tls: &tls, sources: &sources };
         let upstreams = build_upstreams(&config, None, &mut discoveries, cx).await?;
         let stop_accepting = CancellationToken::new();
@@ -140,7 +141,7 @@ impl App {
                 inbound: ArcSwap::from_pointee(Vec::new()),
                 unbound: std::sync::Mutex::new(Vec::new()),
                 discoveries: Mutex::new(discoveries),
-                etcd: std::sync::Mutex::new(sources.etcd.clone()),
+                sources: std::sync::Mutex::new(sources.clone()),
                 registrar: Mutex::new(None),
                 telemetry,
                 tls,
@@ -287,12 +288,18 @@ impl App {
         if reasons.is_empty() { Ok(()) } else { Err(reasons) }
     }
 
-    /// Live discovery state per service (etcd revision, watch state), for `/upstreams`.
+    /// Live discovery state per service (etcd revision and watch state, or DNS resolution), for
+    /// `/upstreams`.
     pub async fn discovery_status(&self) -> BTreeMap<String, serde_json::Value> {
         let discoveries = self.inner.discoveries.lock().await;
         discoveries
             .iter()
-            .filter_map(|(name, t)| Some((name.clone(), t.discovery.etcd.as_ref()?.to_json())))
+            .filter_map(|(name, t)| {
+                let d = &t.discovery;
+                let json =
+                    d.etcd.as_ref().map(|w| w.to_json()).or_else(|| Some(d.dns.as_ref()?.to_json()))?;
+                Some((name.clone(), json))
+            })
             .collect()
     }
 
@@ -310,17 +317,11 @@ impl App {
         *registrar = config.register.clone().zip(etcd).map(|(r, e)| Registrar::start(r, e));
     }
 
-    /// The shared clients for `config`: the running etcd connection while the `etcd` block
-    /// is unchanged, a new one (replacing it) when it changed.
+    /// The shared clients for `config`, replacing the running ones whose block changed.
     pub(crate) fn sources(&self, config: &Config) -> Sources {
-        let mut slot = self.inner.etcd.lock().unwrap_or_else(|e| e.into_inner());
-        let etcd = match (slot.as_ref(), &config.etcd) {
-            (Some(e), Some(c)) if e.config() == c => Some(e.clone()),
-            (_, Some(c)) => Some(Arc::new(crate::etcd::Etcd::new(c.clone()))),
-            (_, None) => None,
-        };
-        slot.clone_from(&etcd);
-        Sources { etcd }
+        let mut slot = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = slot.update(config);
+        slot.clone()
     }
 
     /// `None` when registration is not configured.

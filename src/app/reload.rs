@@ -281,7 +281,7 @@ pub(super) async fn build_upstreams(
                 cfg.as_ref().map(|c| Checker::start(name, c, &balancer, &metrics))
             }
         };
-        let watch = discovery.etcd.clone();
+        let (watch, dns) = (discovery.etcd.clone(), discovery.dns.clone());
         next.insert(name.clone(), ServiceTasks { service, discovery, checker });
         let generation = previous.map_or(1, |r| r.generation + 1);
         let client = clients[name.as_str()].clone();
@@ -293,6 +293,7 @@ pub(super) async fn build_upstreams(
             client,
             generation,
             watch,
+            dns,
         };
         let upstream = Upstream::new(name, svc.clone(), shared, prev.map(|p| &**p));
         upstreams.insert(name.clone(), Arc::new(upstream));

@@ -32,6 +32,32 @@ pub struct File {
     pub tracing: Option<TracingFile>,
     /// CIDRs discovered endpoints must fall in (every service's default).
     pub allowed_networks: Option<Vec<String>>,
+    /// How host names are resolved (services with `discovery: dns` or `host:port` endpoints).
+    #[serde(default)]
+    pub dns: DnsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsFile {
+    pub resolv_conf: Option<String>,
+    pub servers: Option<Vec<String>>,
+    pub timeout: Option<String>,
+    pub min_refresh: Option<String>,
+    pub max_refresh: Option<String>,
+}
+
+/// A service's `dns` block (`discovery: dns`): a name and port, or an SRV name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDnsFile {
+    pub name: Option<String>,
+    pub port: Option<u16>,
+    pub srv: Option<String>,
+    /// Weight of each address a `name` resolves to (SRV records carry their own).
+    pub weight: Option<i64>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +181,7 @@ pub struct ServiceFile {
     #[serde(default)]
     pub endpoints: Option<Vec<EndpointFile>>,
     pub etcd: Option<ServiceEtcdFile>,
+    pub dns: Option<ServiceDnsFile>,
     #[serde(default)]
     pub load_balancing: Policy,
     #[serde(default)]
@@ -258,6 +285,7 @@ pub enum DiscoveryKind {
     #[default]
     Static,
     Etcd,
+    Dns,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 //! anything, or let raw YAML types leak past this module — runtime code sees only the types
 //! below (`SocketAddr`, `Duration`, `NonZeroU32`, enums).
 
+mod dns;
 mod etcd;
 mod file;
 mod inbound;
@@ -48,6 +49,25 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// OTLP trace export; `None`: no tracing.
     pub tracing: Option<TracingConfig>,
+    /// How host names are resolved; used by services that name hosts.
+    pub dns: DnsConfig,
+}
+
+/// The resolver settings every DNS-discovered service shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsConfig {
+    /// Search domains, `ndots`, and the name servers unless `servers` is set.
+    pub resolv_conf: std::path::PathBuf,
+    /// Name servers to ask instead of resolv.conf's (empty: resolv.conf's).
+    pub servers: Vec<SocketAddr>,
+    /// One query's time limit.
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    /// Bounds on the re-resolution interval, which otherwise follows the answer's TTL.
+    #[serde(with = "human")]
+    pub min_refresh: Duration,
+    #[serde(with = "human")]
+    pub max_refresh: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -175,6 +195,41 @@ pub enum DiscoveryConfig {
         selector: BTreeMap<String, String>,
         allowed_networks: Vec<ipnet::IpNet>,
     },
+    /// Resolve `names` on their TTL; every address is an endpoint, next to the `fixed` ones
+    /// (IP endpoints listed beside host names). Answers outside `allowed_networks` (empty:
+    /// any) are refused.
+    Dns {
+        names: Vec<DnsTarget>,
+        fixed: Vec<EndpointSpec>,
+        allowed_networks: Vec<ipnet::IpNet>,
+    },
+}
+
+/// One name a service's endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsTarget {
+    pub query: DnsQuery,
+    /// Weight of each address an A/AAAA name gives (SRV records carry their own).
+    pub weight: NonZeroU32,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsQuery {
+    /// A and AAAA records of `name`, each with `port`.
+    Host { name: String, port: u16 },
+    /// SRV records of `name`: targets, ports and weights; the lowest priority that resolves.
+    Srv { name: String },
+}
+
+impl fmt::Display for DnsQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DnsQuery::Host { name, port } => write!(f, "{name}:{port}"),
+            DnsQuery::Srv { name } => write!(f, "SRV {name}"),
+        }
+    }
 }
 
 /// One instance of a service as discovery reports it: plain data, no runtime state.

@@ -1,14 +1,13 @@
 //! Validation of one service: discovery, timeouts, and the resilience settings.
 
-use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use http::StatusCode;
 
 use super::file::{
-    BreakerFile, DiscoveryKind, EndpointFile, HealthCheckFile, OutlierFile, RateLimitFile, RetriesFile,
-    RetryToken, ServiceFile,
+    BreakerFile, DiscoveryKind, HealthCheckFile, OutlierFile, RateLimitFile, RetriesFile, RetryToken,
+    ServiceFile,
 };
 use super::locate::join_key;
 use super::validate::{Validator, defaults};
@@ -40,22 +39,49 @@ impl Validator {
                 };
                 DiscoveryConfig::Etcd { prefix, selector: e.selector, allowed_networks }
             }
+            DiscoveryKind::Dns => {
+                if s.endpoints.is_some() {
+                    let msg = "`endpoints` is for `discovery: static`; the `dns` block names them";
+                    self.problem(&join_key(path, "endpoints"), msg);
+                }
+                if s.etcd.is_some() {
+                    self.problem(&join_key(path, "etcd"), "`etcd` settings need `discovery: etcd`");
+                }
+                let names = self.dns_target(&join_key(path, "dns"), s.dns.take());
+                let allowed_networks = match s.allowed_networks.take() {
+                    Some(list) => self.networks(&join_key(path, "allowed_networks"), list),
+                    None => allowed.to_vec(),
+                };
+                DiscoveryConfig::Dns { names, fixed: Vec::new(), allowed_networks }
+            }
             DiscoveryKind::Static => {
                 if s.etcd.is_some() {
                     self.problem(&join_key(path, "etcd"), "`etcd` settings need `discovery: etcd`");
                 }
-                if s.allowed_networks.is_some() {
-                    let msg = "`allowed_networks` filters discovered endpoints; static ones are listed here";
-                    self.problem(&join_key(path, "allowed_networks"), msg);
+                if s.dns.is_some() {
+                    self.problem(&join_key(path, "dns"), "a `dns` block needs `discovery: dns`");
                 }
-                match s.endpoints.take() {
-                    Some(list) => DiscoveryConfig::Static {
-                        endpoints: self.endpoints(&join_key(path, "endpoints"), list),
-                    },
+                let (fixed, names) = match s.endpoints.take() {
+                    Some(list) => self.static_endpoints(&join_key(path, "endpoints"), list),
                     None => {
                         self.problem(path, "static discovery needs an `endpoints` list (it may be empty)");
-                        DiscoveryConfig::Static { endpoints: vec![] }
+                        (Vec::new(), Vec::new())
                     }
+                };
+                let networks = s.allowed_networks.take();
+                if names.is_empty() {
+                    if networks.is_some() {
+                        let msg =
+                            "`allowed_networks` filters discovered endpoints; static ones are listed here";
+                        self.problem(&join_key(path, "allowed_networks"), msg);
+                    }
+                    DiscoveryConfig::Static { endpoints: fixed }
+                } else {
+                    let allowed_networks = match networks {
+                        Some(list) => self.networks(&join_key(path, "allowed_networks"), list),
+                        None => allowed.to_vec(),
+                    };
+                    DiscoveryConfig::Dns { names, fixed, allowed_networks }
                 }
             }
         };
@@ -307,21 +333,6 @@ impl Validator {
             self.problem(path, format!("a percentage from 0 to 100, got {v}"));
         }
         v.min(100)
-    }
-
-    fn endpoints(&mut self, path: &str, list: Vec<EndpointFile>) -> Vec<EndpointSpec> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::with_capacity(list.len());
-        for (i, e) in list.into_iter().enumerate() {
-            let ep = format!("{path}[{i}]");
-            let addr = self.addr(&join_key(&ep, "addr"), &e.addr);
-            if !seen.insert(addr) {
-                self.problem(&join_key(&ep, "addr"), format!("duplicate endpoint {addr}"));
-            }
-            let weight = self.weight(&join_key(&ep, "weight"), e.weight);
-            out.push(EndpointSpec { addr, weight, tags: e.tags });
-        }
-        out
     }
 }
 

@@ -57,6 +57,10 @@ pub mod defaults {
     pub const ETCD_DIAL: Duration = Duration::from_secs(2);
     pub const ETCD_REQUEST: Duration = Duration::from_secs(5);
     pub const MAX_WEIGHT: u32 = 65_535;
+    pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+    pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
+    pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(30);
 }
 
 /// One thing wrong with a config, located in the file.
@@ -194,6 +198,8 @@ impl Validator {
         let logging = self.logging(f.logging);
         let access_log = self.access_log(f.access_log);
         let tracing = f.tracing.map(|t| self.tracing(t));
+        let uses_dns = services.values().any(|s| matches!(s.discovery, DiscoveryConfig::Dns { .. }));
+        let dns = self.dns(f.dns, uses_dns);
         Config {
             admin,
             shutdown,
@@ -205,6 +211,7 @@ impl Validator {
             logging,
             access_log,
             tracing,
+            dns,
         }
     }
 

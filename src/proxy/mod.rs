@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::Client;
 use crate::config::{InboundLimits, ListenerConfig, ListenerProtocol, ServiceConfig};
+use crate::discovery::dns::DnsStatus;
 use crate::discovery::etcd::WatchStatus;
 use crate::pki::PkiError;
 use crate::server::{self, Acceptor, InboundMetrics, Slot, Tracked};
@@ -54,6 +55,8 @@ pub struct Upstream {
     /// Context for spans: the config generation and the etcd watch (if any).
     pub generation: u64,
     pub watch: Option<Arc<WatchStatus>>,
+    /// DNS resolution of the service's names (if any), for `/metrics`.
+    pub dns: Option<Arc<DnsStatus>>,
 }
 
 /// What `Upstream::new` needs besides the service's own settings.
@@ -66,6 +69,7 @@ pub(crate) struct Shared<'a> {
     pub(crate) client: Arc<Client>,
     pub(crate) generation: u64,
     pub(crate) watch: Option<Arc<WatchStatus>>,
+    pub(crate) dns: Option<Arc<DnsStatus>>,
 }
 
 /// A bound listener's accept loop; its route and limits are swapped on reload without
@@ -127,6 +131,7 @@ impl Upstream {
             tasks: shared.tasks.clone(),
             generation: shared.generation,
             watch: shared.watch,
+            dns: shared.dns,
         }
     }
 

@@ -46,7 +46,13 @@ fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels,
     Ok(())
 }
 
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, i64)]) -> std::fmt::Result {
+/// Integer or float gauge rows.
+fn gauge<N: prometheus_client::encoding::EncodeGaugeValue + Copy + std::fmt::Debug>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, N)],
+) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
     if let [(labels, v)] = rows
         && labels.is_empty()
@@ -276,6 +282,40 @@ impl Collector for AppCollector {
             &mut enc,
             "outrider_discovery_undecodable_values",
             "etcd values skipped as undecodable.",
+            &rows,
+        )?;
+
+        let names: Vec<_> = ups.iter().filter_map(|(n, up)| Some((n.as_str(), up.dns.clone()?))).collect();
+        let rows: Vec<_> =
+            names.iter().map(|(n, d)| (svc(n), d.answers.load(Ordering::Relaxed) as i64)).collect();
+        gauge(
+            &mut enc,
+            "outrider_dns_answers",
+            "Endpoints in the set DNS discovery last handed over.",
+            &rows,
+        )?;
+        let rows: Vec<_> =
+            names.iter().map(|(n, d)| (svc(n), d.ttl_ms.load(Ordering::Relaxed) as f64 / 1000.0)).collect();
+        gauge(&mut enc, "outrider_dns_ttl_seconds", "Shortest TTL among the last DNS answers.", &rows)?;
+        let rows: Vec<_> = names.iter().map(|(n, d)| (svc(n), d.last_resolution().unwrap_or(0.0))).collect();
+        gauge(
+            &mut enc,
+            "outrider_dns_last_resolution_timestamp_seconds",
+            "When every name of the service last resolved (Unix time; 0: never).",
+            &rows,
+        )?;
+        let rows: Vec<_> = names.iter().map(|(n, d)| (svc(n), d.failures.load(Ordering::Relaxed))).collect();
+        counter(
+            &mut enc,
+            "outrider_dns_failures",
+            "DNS lookups that failed (the last answer was kept).",
+            &rows,
+        )?;
+        let rows: Vec<_> = names.iter().map(|(n, d)| (svc(n), d.refused.load(Ordering::Relaxed))).collect();
+        counter(
+            &mut enc,
+            "outrider_dns_refused_endpoints",
+            "DNS answers refused: address outside allowed_networks.",
             &rows,
         )?;
 

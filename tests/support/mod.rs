@@ -292,6 +292,7 @@ where
     (h.finalize().to_vec(), trailers)
 }
 
+pub mod dns;
 pub mod etcd;
 pub mod tls;
 
