@@ -91,6 +91,7 @@ async fn config(app: &App) -> Response<Full<Bytes>> {
         "last_reload_error": status.last_reload_error,
         "listeners": app.listener_addrs().await,
         "tls": app.tls().to_json(),
+        "overlays": app.overlay_status(),
         "config": runtime.config.to_json(),
     });
     json_response(StatusCode::OK, &body)

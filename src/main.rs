@@ -32,6 +32,60 @@ enum Command {
     },
     /// Run the embedded quickstart config with three demo instances behind it.
     Demo,
+    /// Read or change a service's live overlay in etcd (weights, draining, load balancing,
+    /// timeouts, retries, ...). `set` validates before it writes.
+    Overlay {
+        #[command(subcommand)]
+        action: OverlayCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverlayCmd {
+    /// Print the service's overlay.
+    Get {
+        service: String,
+        /// The config file whose etcd settings and overlay_prefix to use.
+        #[arg(long, short, env = "OUTRIDER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Change the service's overlay, e.g. `--weight 10.1.2.3:8080=0 --set retries.max_attempts=3`.
+    Set {
+        service: String,
+        #[arg(long, short, env = "OUTRIDER_CONFIG")]
+        config: PathBuf,
+        /// ADDR=WEIGHT; 0 drains the endpoint. Repeatable.
+        #[arg(long = "weight")]
+        weights: Vec<String>,
+        /// PATH=VALUE (VALUE is YAML), e.g. load_balancing=least_request. Repeatable.
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// PATH to remove, so the file's value applies again. Repeatable.
+        #[arg(long = "unset")]
+        unsets: Vec<String>,
+        /// Start from this YAML/JSON document instead of the current overlay.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// Delete the service's overlay: the file's values apply again.
+    Delete {
+        service: String,
+        #[arg(long, short, env = "OUTRIDER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+async fn overlay(cmd: OverlayCmd) -> anyhow::Result<()> {
+    use outrider::overlay_cli::OverlayAction;
+    let (config, service, action) = match cmd {
+        OverlayCmd::Get { service, config } => (config, service, OverlayAction::Get),
+        OverlayCmd::Delete { service, config } => (config, service, OverlayAction::Delete),
+        OverlayCmd::Set { service, config, weights, sets, unsets, from } => {
+            (config, service, OverlayAction::Set { weights, sets, unsets, from })
+        }
+    };
+    println!("{}", outrider::overlay_cli::overlay(&config, &service, action).await?);
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -40,6 +94,7 @@ fn main() -> ExitCode {
         Command::Check { file } => return check(&file),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
+        Command::Overlay { action } => runtime().and_then(|rt| rt.block_on(overlay(action))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

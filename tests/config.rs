@@ -368,3 +368,32 @@ fn host_names_in_endpoints_are_resolved_by_dns_with_the_documented_defaults() {
     let unreadable = yaml.replace("services:", "dns:\n  resolv_conf: /nonexistent/resolv.conf\nservices:");
     assert_problem(&problems(&unreadable), "dns.resolv_conf", 6, "cannot read /nonexistent/resolv.conf");
 }
+
+#[test]
+fn an_empty_overlay_prefix_is_refused_and_overlays_validate_like_the_file() {
+    let yaml = format!("etcd:\n  endpoints: [127.0.0.1:2379]\n  overlay_prefix: \"\"\n{BASE}");
+    assert_problem(&problems(&yaml), "etcd.overlay_prefix", 3, "empty prefix");
+
+    let config = Config::parse_with_env(BASE, HashMap::new()).unwrap();
+    let overlay = |text: &str| outrider::config::Overlay {
+        service: "payments".into(),
+        key: "outrider/overlay/payments".into(),
+        text: text.into(),
+    };
+    let layered = config
+        .with_overlays(&[overlay("weights: {\"127.0.0.1:8080\": 0}\nretries: {max_attempts: 3}\n")])
+        .unwrap();
+    let svc = &layered.services["payments"];
+    assert_eq!(svc.weights.values().copied().collect::<Vec<_>>(), [0]);
+    assert_eq!(svc.resilience.retries.max_attempts, 3);
+    assert_eq!(svc.resilience.retries.budget, config.services["payments"].resilience.retries.budget);
+
+    let all = config.with_overlays(&[overlay("weights:\n  10.0.0.1:80: -1\n  nowhere: 1\n")]).unwrap_err();
+    let text: Vec<_> = all.iter().map(ToString::to_string).collect();
+    assert!(
+        text[0].starts_with("etcd key outrider/overlay/payments: weights.10.0.0.1:80 (line 2"),
+        "{text:?}"
+    );
+    assert!(text[0].contains("between 0 (drain) and 65535"), "{text:?}");
+    assert!(text[1].contains("weights.nowhere") && text[1].contains("not an endpoint address"), "{text:?}");
+}

@@ -5,6 +5,7 @@
 //! the lifecycle (ready → draining → stopped). Must not: sit on the request path — requests
 //! hold an `Arc<Upstream>` of their generation and never touch `App`.
 
+mod overlay;
 mod reload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,6 +85,8 @@ struct Inner {
     /// block stays the same).
     sources: std::sync::Mutex<Sources>,
     registrar: Mutex<Option<Registrar>>,
+    /// Live overlays from etcd, laid over the file on every change and reload.
+    overlays: std::sync::Mutex<overlay::Overlays>,
     telemetry: Arc<Telemetry>,
     /// TLS material in use, re-read on file changes and SIGHUP.
     tls: Arc<crate::tls::Registry>,
@@ -143,6 +146,7 @@ impl App {
                 discoveries: Mutex::new(discoveries),
                 sources: std::sync::Mutex::new(sources.clone()),
                 registrar: Mutex::new(None),
+                overlays: std::sync::Mutex::default(),
                 telemetry,
                 tls,
                 status: watch::Sender::new(status),
@@ -159,6 +163,7 @@ impl App {
         };
         app.set_inbound(&app.inner.listeners.lock().await);
         app.set_registration(&app.runtime().config).await;
+        app.set_overlay_watch(&app.runtime().config);
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(admin_socket, app.clone(), admin_stop.clone()));
         tokio::spawn(app.clone().lifecycle(admin_stop));

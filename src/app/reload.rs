@@ -49,7 +49,7 @@ impl App {
         }
     }
 
-    async fn apply(&self, config: Config) -> bool {
+    pub(super) async fn apply(&self, config: Config) -> bool {
         match self.reload(config).await {
             Ok(changed) => changed,
             Err(e) => {
@@ -76,6 +76,7 @@ impl App {
         if self.is_draining() {
             return Err(AppError::ShuttingDown);
         }
+        let config = self.layer(config);
         let current = self.runtime();
         let hash = config.hash();
         if hash == current.hash {
@@ -112,6 +113,7 @@ impl App {
         }));
         self.swap_listeners(&mut listeners, &config, &upstreams, plan).await;
         self.set_registration(&config).await;
+        self.set_overlay_watch(&config);
         self.inner.status.send_modify(|s| {
             s.generation = generation;
             s.hash = hash;
@@ -261,7 +263,7 @@ pub(super) async fn build_upstreams(
             None => (Service::spawn(name, svc.load_balancing, outlier), None, None),
         };
         let handle = service.handle();
-        handle.configure(svc.load_balancing, outlier).await;
+        handle.configure(svc.load_balancing, outlier, &svc.weights).await;
         let discovery = match old_discovery {
             Some(d) => d.reconfigure(name, &svc.discovery, cx.sources, svc.protocol, handle).await,
             None => Discovery::start(name, &svc.discovery, cx.sources, svc.protocol, handle).await,

@@ -56,6 +56,11 @@ impl Validator {
                 ms..=Duration::from_secs(300),
             ),
             snapshot_dir: e.snapshot_dir.map(Into::into),
+            overlay_prefix: e.overlay_prefix.inspect(|p| {
+                if p.is_empty() {
+                    self.problem("etcd.overlay_prefix", "an empty prefix would read the whole keyspace");
+                }
+            }),
         }
     }
 

@@ -129,6 +129,7 @@ pub struct EtcdFile {
     pub dial_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub snapshot_dir: Option<String>,
+    pub overlay_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +199,63 @@ pub struct ServiceFile {
     pub rate_limit: Option<RateLimitFile>,
     pub allowed_networks: Option<Vec<String>>,
     pub tls: Option<UpstreamTlsFile>,
+    /// Weight overrides by endpoint address (0: drained); only an etcd overlay sets them.
+    #[serde(skip)]
+    pub weights: Option<BTreeMap<String, i64>>,
+}
+
+/// A service's live overlay, read from its etcd key: the settings that may change live.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayFile {
+    pub weights: Option<BTreeMap<String, i64>>,
+    pub load_balancing: Option<Policy>,
+    pub timeouts: Option<TimeoutsFile>,
+    pub retries: Option<RetriesFile>,
+    pub outlier_detection: Option<OutlierFile>,
+    pub circuit_breaker: Option<BreakerFile>,
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+/// Copies every field the overlay sets over the file's value.
+macro_rules! overlay_fields {
+    ($base:expr, $over:expr; $($field:ident),+) => {
+        $( if $over.$field.is_some() { $base.$field = $over.$field; } )+
+    };
+}
+
+impl ServiceFile {
+    /// File < overlay: each setting the overlay names replaces the file's, field by field
+    /// inside `timeouts`, `retries` (and its `budget`), `outlier_detection` and
+    /// `circuit_breaker`; `rate_limit` and `weights` replace the file's whole.
+    pub fn overlay(&mut self, o: OverlayFile) {
+        if let Some(p) = o.load_balancing {
+            self.load_balancing = p;
+        }
+        if let Some(t) = o.timeouts {
+            overlay_fields!(self.timeouts, t; connect, request, idle, tcp_idle);
+        }
+        if let Some(r) = o.retries {
+            let b = r.budget;
+            overlay_fields!(self.retries.budget, b; ratio, min_per_second, window);
+            overlay_fields!(self.retries, r; max_attempts, retry_on, non_idempotent, per_try_timeout,
+                backoff_base, backoff_max, buffer_bytes);
+        }
+        if let Some(x) = o.outlier_detection {
+            overlay_fields!(self.outlier_detection, x; consecutive_failures, count_5xx, base_ejection,
+                max_ejection, max_ejection_percent, panic_threshold_percent);
+        }
+        if let Some(c) = o.circuit_breaker {
+            overlay_fields!(self.circuit_breaker, c; failure_ratio, min_requests, window, open_for,
+                half_open_requests, max_in_flight);
+        }
+        if o.rate_limit.is_some() {
+            self.rate_limit = o.rate_limit;
+        }
+        if o.weights.is_some() {
+            self.weights = o.weights;
+        }
+    }
 }
 
 /// A `retry_on` entry: a condition name or a status code.

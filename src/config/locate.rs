@@ -86,6 +86,19 @@ impl Index {
         self.positions.keys().all(String::is_empty)
     }
 
+    /// Like `find`, but only when `path` or an ancestor other than the document itself is
+    /// in the text: whether this text set the value.
+    pub fn find_set(&self, path: &str) -> Option<Pos> {
+        let mut p = path;
+        while !p.is_empty() {
+            if let Some(pos) = self.positions.get(p) {
+                return Some(*pos);
+            }
+            p = parent(p)?;
+        }
+        None
+    }
+
     /// The position of `path`, or of its nearest ancestor that exists in the file.
     pub fn find(&self, path: &str) -> Option<Pos> {
         let mut p = path;

@@ -21,6 +21,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,24 @@ pub struct Config {
     pub tracing: Option<TracingConfig>,
     /// How host names are resolved; used by services that name hosts.
     pub dns: DnsConfig,
+    /// The text this was validated from, so etcd overlays can be laid over it again.
+    #[serde(skip)]
+    pub source: Option<Arc<Source>>,
+}
+
+/// A config file's text and the environment its `${VAR}`s were expanded from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Source {
+    pub text: String,
+    pub env: std::collections::HashMap<String, String>,
+}
+
+/// A service's live overlay as read from etcd: YAML or JSON text (see `file::OverlayFile`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub service: String,
+    pub key: String,
+    pub text: String,
 }
 
 /// The resolver settings every DNS-discovered service shares.
@@ -117,6 +136,8 @@ pub struct EtcdConfig {
     /// Where the last-known-good endpoint set of each service is kept, so Outrider can start
     /// and serve while etcd is down. `None`: no snapshots.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// Where services' live overlays are kept (`<prefix><service>`); `None`: no overlays.
+    pub overlay_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -179,6 +200,9 @@ pub struct ServiceConfig {
     pub resilience: Resilience,
     /// Originate TLS to the endpoints.
     pub tls: Option<UpstreamTls>,
+    /// Weights that replace discovery's, by endpoint address, from the etcd overlay; 0 drains
+    /// the endpoint (kept and shown, never picked).
+    pub weights: BTreeMap<SocketAddr, u32>,
 }
 
 /// Where a service's endpoints come from.
@@ -317,6 +341,20 @@ impl Config {
         env: std::collections::HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
         validate::parse(text, env).map_err(ConfigError::Invalid)
+    }
+
+    /// This config's file with `overlays` laid over it, validated again as a whole.
+    pub fn with_overlays(&self, overlays: &[Overlay]) -> Result<Config, Vec<Problem>> {
+        let Some(source) = &self.source else {
+            let message = "this config was not read from text, so no overlay can be laid over it";
+            return Err(vec![Problem {
+                origin: None,
+                path: String::new(),
+                pos: None,
+                message: message.into(),
+            }]);
+        };
+        validate::layered(source, overlays)
     }
 
     /// A stable hash of the effective config: comment-only or formatting edits do not change it.

@@ -100,7 +100,9 @@ impl Validator {
                 "protocol auto negotiates with ALPN: it needs a `tls` block",
             );
         }
+        let weights = s.weights.take().map(|w| self.weight_overrides(&join_key(path, "weights"), w));
         ServiceConfig {
+            weights: weights.unwrap_or_default(),
             discovery,
             load_balancing: s.load_balancing,
             protocol: s.protocol,
@@ -333,6 +335,30 @@ impl Validator {
             self.problem(path, format!("a percentage from 0 to 100, got {v}"));
         }
         v.min(100)
+    }
+}
+
+impl Validator {
+    /// An overlay's `weights`: endpoint address → weight, 0 to drain.
+    fn weight_overrides(&mut self, path: &str, w: BTreeMap<String, i64>) -> BTreeMap<SocketAddr, u32> {
+        let mut out = BTreeMap::new();
+        for (addr, weight) in w {
+            let p = join_key(path, &addr);
+            let Ok(a) = addr.trim().parse::<SocketAddr>() else {
+                self.problem(&p, format!("{addr:?} is not an endpoint address (IP:port)"));
+                continue;
+            };
+            match u32::try_from(weight) {
+                Ok(w) if w <= defaults::MAX_WEIGHT => {
+                    out.insert(a, w);
+                }
+                _ => self.problem(
+                    &p,
+                    format!("weight must be between 0 (drain) and {}, got {weight}", defaults::MAX_WEIGHT),
+                ),
+            }
+        }
+        out
     }
 }
 

@@ -10,7 +10,9 @@ use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use super::file::{File, ListenerFile};
+use std::sync::Arc;
+
+use super::file::{File, ListenerFile, OverlayFile};
 use super::locate::{Index, Pos, join_key};
 use super::*;
 
@@ -66,6 +68,8 @@ pub mod defaults {
 /// One thing wrong with a config, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// Where the text came from when it is not the config file: an overlay's etcd key.
+    pub origin: Option<String>,
     /// YAML path, e.g. `services.payments.endpoints[1].weight`; empty for the whole file.
     pub path: String,
     pub pos: Option<Pos>,
@@ -75,6 +79,9 @@ pub struct Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = if self.path.is_empty() { "<file>" } else { &self.path };
+        if let Some(origin) = &self.origin {
+            write!(f, "etcd key {origin}: ")?;
+        }
         match self.pos {
             Some(p) => write!(f, "{path} (line {}, column {}): {}", p.line, p.column, self.message),
             None => write!(f, "{path}: {}", self.message),
@@ -83,17 +90,51 @@ impl fmt::Display for Problem {
 }
 
 pub fn parse(text: &str, env: HashMap<String, String>) -> Result<Config, Vec<Problem>> {
-    let index = Index::build(text);
+    let source = Arc::new(Source { text: text.to_string(), env });
+    layered(&source, &[])
+}
+
+/// The file's text with each service's overlay laid over it, validated as one config: a
+/// problem inside an overlay names its etcd key and its path and line there.
+pub fn layered(source: &Arc<Source>, overlays: &[Overlay]) -> Result<Config, Vec<Problem>> {
+    let index = Index::build(&source.text);
     if index.is_empty() {
         let message = "the file has no settings (empty, or only comments): refusing it, since applying \
                        it would close every listener — a file caught mid-write looks like this";
-        return Err(vec![Problem { path: String::new(), pos: None, message: message.into() }]);
+        return Err(vec![Problem { origin: None, path: String::new(), pos: None, message: message.into() }]);
     }
-    let options = serde_saphyr::Options::default().with_properties(env);
-    let file: File =
-        serde_saphyr::from_str_with_options(text, options).map_err(|e| vec![from_serde(&index, &e)])?;
-    let mut v = Validator { index, problems: Vec::new() };
-    let config = v.config(file);
+    let options = serde_saphyr::Options::default().with_properties(source.env.clone());
+    let mut file: File = serde_saphyr::from_str_with_options(&source.text, options)
+        .map_err(|e| vec![from_serde(&index, &e)])?;
+    let mut layers = Vec::new();
+    let mut problems = Vec::new();
+    for o in overlays {
+        let oindex = Index::build(&o.text);
+        let located = |mut p: Problem| {
+            p.origin = Some(o.key.clone());
+            p
+        };
+        let parsed: Result<OverlayFile, _> = serde_saphyr::from_str(&o.text);
+        match (parsed, file.services.get_mut(&o.service)) {
+            (Err(e), _) => problems.push(located(from_serde(&oindex, &e))),
+            (Ok(_), None) => problems.push(located(Problem {
+                origin: None,
+                path: String::new(),
+                pos: None,
+                message: format!("the config file has no service {:?}", o.service),
+            })),
+            (Ok(overlay), Some(service)) => {
+                service.overlay(overlay);
+                layers.push((join_key("services", &o.service), o.key.clone(), oindex));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut v = Validator { index, layers, problems: Vec::new() };
+    let mut config = v.config(file);
+    config.source = Some(source.clone());
     if v.problems.is_empty() { Ok(config) } else { Err(v.problems) }
 }
 
@@ -117,19 +158,36 @@ fn from_serde(index: &Index, e: &serde_saphyr::Error) -> Problem {
         let var = var.trim_matches('`').to_string();
         message = format!("environment variable {var} is not set (give a default: ${{{var}:-value}})");
     }
-    Problem { path, pos, message }
+    Problem { origin: None, path, pos, message }
 }
 
 pub(super) struct Validator {
     index: Index,
+    /// Overlays laid over the file: the service path they cover, their etcd key, their index.
+    layers: Vec<(String, String, Index)>,
     problems: Vec<Problem>,
 }
 
 // === impl Validator ===
 
 impl Validator {
+    /// Records a problem at `path`, located in the overlay that set the value there (or an
+    /// enclosing block) if one did, else in the file.
     pub(super) fn problem(&mut self, path: &str, message: impl Into<String>) {
+        for (service, key, index) in &self.layers {
+            let inner = path.strip_prefix(service.as_str()).and_then(|r| r.strip_prefix('.'));
+            if let Some(pos) = inner.and_then(|inner| index.find_set(inner)) {
+                self.problems.push(Problem {
+                    origin: Some(key.clone()),
+                    path: inner.unwrap_or_default().to_string(),
+                    pos: Some(pos),
+                    message: message.into(),
+                });
+                return;
+            }
+        }
         self.problems.push(Problem {
+            origin: None,
             path: path.to_string(),
             pos: self.index.find(path),
             message: message.into(),
@@ -212,6 +270,7 @@ impl Validator {
             access_log,
             tracing,
             dns,
+            source: None,
         }
     }
 

@@ -319,6 +319,15 @@ impl Collector for AppCollector {
             &rows,
         )?;
 
+        if let Some(refused) = app.overlay_failures() {
+            counter(
+                &mut enc,
+                "outrider_overlay_refused",
+                "etcd overlays refused as invalid (each distinct text once).",
+                &[(vec![], refused)],
+            )?;
+        }
+
         let inbound = app.inbound_metrics();
         let rows: Vec<_> =
             inbound.iter().map(|(n, m)| (vec![("listener", n.as_str())], get(&m.accepted))).collect();

@@ -95,6 +95,10 @@ pub struct Owner {
     balancer: Arc<Balancer>,
     policy: Policy,
     outlier: Arc<Outlier>,
+    /// Weight overrides from the live overlay (0: drained), applied over discovery's set.
+    weights: BTreeMap<SocketAddr, u32>,
+    /// The set discovery last handed over, before overrides.
+    specs: Vec<EndpointSpec>,
     woken: mpsc::Receiver<()>,
 }
 
@@ -180,7 +184,15 @@ impl Balancer {
             wake,
             ejections: AtomicU64::new(0),
         });
-        (balancer.clone(), Owner { balancer, policy, outlier, woken })
+        let owner = Owner {
+            balancer: balancer.clone(),
+            policy,
+            outlier,
+            weights: BTreeMap::new(),
+            specs: Vec::new(),
+            woken,
+        };
+        (balancer, owner)
     }
 
     /// Chooses an endpoint and counts the request against it; `None` when none is routable.
@@ -245,7 +257,7 @@ impl Balancer {
                 weight: e.weight,
                 tags: (*e.tags).clone(),
                 in_flight: e.state.in_flight(),
-                state: e.state.state_name(),
+                state: if e.weight == 0 { "draining" } else { e.state.state_name() },
                 consecutive_failures: e.state.health.consecutive_failures(),
                 times_ejected: e.state.health.times_ejected(),
             })
@@ -268,32 +280,41 @@ impl Owner {
     }
 
     /// Replaces the endpoint set ("reset to this set"): endpoints whose address is already
-    /// known keep their state; weights and tags take the new values.
+    /// known keep their state; weights and tags take the new values (or the overrides').
     pub fn update(&mut self, specs: &[EndpointSpec]) {
+        self.specs = specs.to_vec();
+        self.rebuild(true);
+    }
+
+    fn rebuild(&mut self, synced: bool) {
         let old = self.balancer.snapshot.load();
         let known: HashMap<SocketAddr, &Arc<EndpointState>> =
             old.endpoints.iter().map(|e| (e.addr, &e.state)).collect();
-        let endpoints: Vec<Endpoint> = specs
+        let endpoints: Vec<Endpoint> = self
+            .specs
             .iter()
             .map(|s| {
                 let state = known
                     .get(&s.addr)
                     .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st));
                 state.pool.set_server_name(s.tags.get("server_name"));
-                Endpoint { addr: s.addr, weight: s.weight.get(), tags: Arc::new(s.tags.clone()), state }
+                let weight = self.weights.get(&s.addr).copied().unwrap_or(s.weight.get());
+                Endpoint { addr: s.addr, weight, tags: Arc::new(s.tags.clone()), state }
             })
             .collect();
-        self.store(endpoints, true);
+        self.store(endpoints, synced);
     }
 
-    /// Changes the policy and ejection rules, keeping the endpoints and their state.
-    pub fn configure(&mut self, policy: Policy, outlier: &Outlier) {
-        if self.policy == policy && *self.outlier == *outlier {
+    /// Changes the policy, ejection rules and weight overrides, keeping the endpoints and
+    /// their state.
+    pub fn configure(&mut self, policy: Policy, outlier: &Outlier, weights: &BTreeMap<SocketAddr, u32>) {
+        if self.policy == policy && *self.outlier == *outlier && self.weights == *weights {
             return;
         }
         (self.policy, self.outlier) = (policy, Arc::new(outlier.clone()));
-        let old = self.balancer.snapshot.load();
-        self.store(old.endpoints.clone(), old.synced);
+        self.weights.clone_from(weights);
+        let synced = self.balancer.snapshot.load().synced;
+        self.rebuild(synced);
     }
 
     /// Rebuilds the routable set: ends ejections whose time is over, and applies health
@@ -327,12 +348,14 @@ impl Owner {
     }
 }
 
-/// Builds a snapshot: the routable subset, or everything in panic mode.
+/// Builds a snapshot: the routable subset, or in panic mode every endpoint not drained
+/// (weight 0 from an overlay: never picked, and not counted for panic).
 fn build(policy: Policy, outlier: &Arc<Outlier>, endpoints: Vec<Endpoint>, synced: bool) -> Snapshot {
-    let ok: Vec<Endpoint> = endpoints.iter().filter(|e| e.state.routable()).cloned().collect();
+    let live: Vec<Endpoint> = endpoints.iter().filter(|e| e.weight > 0).cloned().collect();
+    let ok: Vec<Endpoint> = live.iter().filter(|e| e.state.routable()).cloned().collect();
     let threshold = outlier.panic_threshold_percent as usize;
-    let panic = !endpoints.is_empty() && ok.len() * 100 < threshold * endpoints.len();
-    let routable = if panic { endpoints.clone() } else { ok };
+    let panic = !live.is_empty() && ok.len() * 100 < threshold * live.len();
+    let routable = if panic { live } else { ok };
     let picker = Picker::build(policy, &routable);
     Snapshot { endpoints, routable, picker, outlier: outlier.clone(), panic, synced }
 }

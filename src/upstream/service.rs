@@ -13,6 +13,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{Balancer, Owner};
 use crate::config::{EndpointSpec, Outlier, Policy};
 
+/// Weight overrides by endpoint address (0: drained).
+type Weights = std::collections::BTreeMap<std::net::SocketAddr, u32>;
+
 /// A running owner task; dropping it stops the task.
 #[derive(Debug)]
 pub(crate) struct Service {
@@ -30,7 +33,7 @@ pub(crate) struct ServiceHandle {
 #[derive(Debug)]
 enum Command {
     Update(Vec<EndpointSpec>, Option<oneshot::Sender<()>>),
-    Configure(Policy, Outlier, oneshot::Sender<()>),
+    Configure(Policy, Outlier, Weights, oneshot::Sender<()>),
 }
 
 // === impl Service ===
@@ -70,10 +73,11 @@ impl ServiceHandle {
         }
     }
 
-    /// Changes the policy and ejection rules; returns once requests see them.
-    pub(crate) async fn configure(&self, policy: Policy, outlier: &Outlier) {
+    /// Changes the policy, ejection rules and weight overrides; returns once requests see
+    /// them.
+    pub(crate) async fn configure(&self, policy: Policy, outlier: &Outlier, weights: &Weights) {
         let (done, applied) = oneshot::channel();
-        if self.commands.send(Command::Configure(policy, outlier.clone(), done)).is_ok() {
+        if self.commands.send(Command::Configure(policy, outlier.clone(), weights.clone(), done)).is_ok() {
             let _ = applied.await;
         }
     }
@@ -90,8 +94,8 @@ async fn run(mut owner: Owner, mut commands: mpsc::UnboundedReceiver<Command>, s
                     owner.update(&specs);
                     done.map(|d| d.send(()));
                 }
-                Some(Command::Configure(policy, outlier, done)) => {
-                    owner.configure(policy, &outlier);
+                Some(Command::Configure(policy, outlier, weights, done)) => {
+                    owner.configure(policy, &outlier, &weights);
                     let _ = done.send(());
                 }
             },
