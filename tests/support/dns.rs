@@ -38,7 +38,10 @@ impl Dnsmasq {
 
     async fn spawn(&mut self) {
         let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(whoami);
-        let mut child = Command::new("dnsmasq")
+        // Debian puts it in /usr/sbin, which a non-root PATH may lack.
+        let program =
+            if std::path::Path::new("/usr/sbin/dnsmasq").exists() { "/usr/sbin/dnsmasq" } else { "dnsmasq" };
+        let mut child = Command::new(program)
             .args(["--keep-in-foreground", "--log-facility=-", "--conf-file=/dev/null", "--pid-file="])
             .arg(format!("--port={}", self.addr.port()))
             .args(["--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts"])
