@@ -34,6 +34,48 @@ const STRICT_BREAKER: &str = "    retries: { max_attempts: 3 }\n\
     \x20   outlier_detection: { consecutive_failures: 3 }\n\
     \x20   circuit_breaker: { failure_ratio: 0.5, min_requests: 5 }\n";
 
+/// An app that goes away mid-upload is answered (to nobody) `client_aborted`; the access log
+/// is where that answer can be seen, beside a malformed body's `bad_request_body`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_app_abandons_is_logged_as_client_aborted() {
+    let echo = Backend::start(|req: Request<hyper::body::Incoming>| async move {
+        let body = http_body_util::BodyExt::collect(req.into_body()).await;
+        if body.is_ok() { text(200, "ok") } else { text(500, "body broke") }
+    })
+    .await;
+    let front = closed_port();
+    let yaml = one_service("http", "", &[(echo.addr, 1)])
+        .replace(
+            "  bind: 127.0.0.1:0\nshutdown",
+            "  bind: 127.0.0.1:0\naccess_log:\n  enabled: true\nshutdown",
+        )
+        .replace("    bind: 127.0.0.1:0\n", &format!("    bind: {front}\n"));
+    let mut outrider = Binary::spawn(&yaml);
+    outrider.logged("outrider started").await;
+    let mut conn = TcpStream::connect(front).await.unwrap();
+    conn.write_all(b"PUT /big HTTP/1.1\r\nHost: x\r\nContent-Length: 2147483648\r\n\r\npartial")
+        .await
+        .unwrap();
+    drop(conn);
+    let line = within(outrider.out.recv()).await.expect("an access log line");
+    let json: serde_json::Value = serde_json::from_str(&line).expect("access log line is JSON");
+    assert_eq!(
+        (json["status"].as_u64(), json["reason"].as_str()),
+        (Some(400), Some("client_aborted")),
+        "{line}"
+    );
+    assert_eq!(json["path"], "/big");
+
+    let reply = raw(
+        front,
+        b"POST /pay HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n",
+    )
+    .await;
+    assert!(reply.contains("x-outrider-error: bad_request_body"), "{reply}");
+    let line = within(outrider.out.recv()).await.expect("an access log line");
+    assert!(line.contains("\"reason\":\"bad_request_body\""), "{line}");
+}
+
 #[tokio::test]
 async fn malformed_and_aborted_bodies_are_the_clients_fault() {
     let echo = Backend::start(|req: Request<hyper::body::Incoming>| async move {

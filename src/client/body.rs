@@ -31,8 +31,25 @@ pub(crate) trait ClientFault: std::fmt::Display {
 }
 
 impl ClientFault for hyper::Error {
+    /// The app went away mid-body: HTTP/1.1's body ended early (hyper reports an
+    /// `UnexpectedEof` under a body error), the connection was reset, or an HTTP/2 stream was
+    /// cancelled or reset — as opposed to a body that arrived malformed.
     fn aborted(&self) -> bool {
-        self.is_incomplete_message()
+        if self.is_incomplete_message() {
+            return true;
+        }
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+                return matches!(io.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe);
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.is_io() || h2.reason() == Some(h2::Reason::CANCEL);
+            }
+            source = e.source();
+        }
+        false
     }
 }
 
