@@ -157,15 +157,9 @@ async fn forward(
         let outbound =
             body.next().ok_or_else(|| ProxyError::BadRequest("request body already sent".into()))?;
         // A later attempt needs the head again, unless this one hands it back unsent.
-        let mut req = request(&mut head, outbound, &endpoint, up.config.protocol, attempts.more_after())?;
-        let span = trace_attempt(ex, &mut req);
-        let sent = Instant::now();
-        let (outcome, lease) = send(up, &attempts, &endpoint, req, &mut head, &mut body).await;
-        record_attempt(up, ex, &endpoint, &outcome, sent.elapsed(), span);
-        let failed = outcome.is_failure(&up.config.resilience.outlier);
-        if !client_fault(&outcome) {
-            attempts.report(&endpoint, failed);
-        }
+        let req = request(&mut head, outbound, &endpoint, up.config.protocol, attempts.more_after())?;
+        let (outcome, lease, failed) =
+            exchange(up, ex, &attempts, &endpoint, req, &mut head, &mut body).await;
         let retry_after = retry::retry_after(&outcome);
         if let Verdict::Retry(delay) =
             attempts.verdict(outcome.retry(policy), safe, body.replayable(), retry_after)
@@ -191,6 +185,28 @@ fn admit(up: &Upstream, headers: &HeaderMap) -> Result<Admission, ProxyError> {
         Refused::Open => ProxyError::CircuitOpen(up.name.clone()),
         Refused::Overloaded => ProxyError::Overloaded(up.name.clone(), up.breaker.config().max_in_flight),
     })
+}
+
+/// One attempt, booked: its span and counters, and (unless the app's own body failed) the
+/// endpoint's outlier report. Also whether it counts as the endpoint's failure.
+async fn exchange(
+    up: &Upstream,
+    ex: &mut Exchange<'_>,
+    attempts: &Attempts<'_>,
+    endpoint: &InFlight,
+    mut req: Request<UpstreamBody>,
+    head: &mut http::request::Parts,
+    body: &mut RequestBody<Incoming>,
+) -> (Outcome<Incoming>, Option<Lease>, bool) {
+    let span = trace_attempt(ex, &mut req);
+    let sent = Instant::now();
+    let (outcome, lease) = send(up, attempts, endpoint, req, head, body).await;
+    record_attempt(up, ex, endpoint, &outcome, sent.elapsed(), span);
+    let failed = outcome.is_failure(&up.config.resilience.outlier);
+    if !client_fault(&outcome) {
+        attempts.report(endpoint, failed);
+    }
+    (outcome, lease, failed)
 }
 
 /// One attempt: the request on a pooled or new connection to `endpoint`, bounded by the
@@ -278,14 +294,7 @@ async fn upgrade(
         req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         req.headers_mut().insert(header::UPGRADE, protocol);
     }
-    let span = trace_attempt(ex, &mut req);
-    let sent = Instant::now();
-    let (outcome, lease) = send(up, &attempts, &endpoint, req, &mut head, &mut body).await;
-    record_attempt(up, ex, &endpoint, &outcome, sent.elapsed(), span);
-    let failed = outcome.is_failure(&up.config.resilience.outlier);
-    if !client_fault(&outcome) {
-        attempts.report(&endpoint, failed);
-    }
+    let (outcome, lease, failed) = exchange(up, ex, &attempts, &endpoint, req, &mut head, &mut body).await;
     match outcome {
         Outcome::Response(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             admission.record(true);
