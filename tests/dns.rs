@@ -249,3 +249,25 @@ async fn answers_outside_allowed_networks_are_refused_and_counted() {
     let (_, _, metrics) = get(&client(), &format!("http://{}/metrics", app.admin_addr())).await;
     assert!(metrics.contains("outrider_dns_refused_endpoints_total{service=\"pay\"} 1"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_srv_answer_with_a_target_that_fails_to_resolve_is_not_taken_as_the_whole_set() {
+    let (port, _backends) = same_port(&["a"]).await;
+    // b.elsewhere is outside dnsmasq's local domain and it has no upstream: REFUSED, a
+    // failure — unlike a name it knows not to exist.
+    let srv = |target: &str| format!("--srv-host=_http._tcp.pay.test,{target},{port},0,1");
+    let dns = Dnsmasq::start("127.0.0.1 a.test\n", 1, &[srv("a.test"), srv("b.elsewhere")]).await;
+    let app =
+        start_app(&config(&dns, "", "    discovery: dns\n    dns:\n      srv: _http._tcp.pay.test\n")).await;
+    within(async {
+        while admin_json(&app, "/upstreams").await["services"]["pay"]["watch"]["failures"].as_u64() < Some(2)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(endpoints(&app).await.is_empty(), "a.test alone is not the set: b.elsewhere may have addresses");
+    let watch = &admin_json(&app, "/upstreams").await["services"]["pay"]["watch"];
+    assert!(watch["last_error"].as_str().is_some_and(|e| e.contains("_http._tcp.pay.test")), "{watch}");
+    assert!(app.readiness().is_err(), "no complete answer yet");
+}

@@ -7,8 +7,8 @@
 //!   and `max_refresh`. A/AAAA answers give one endpoint per address with the configured
 //!   port; SRV answers give targets (resolved in turn), ports and weights — only the lowest
 //!   priority that resolves to any address is used, and weight 0 counts as 1.
-//! - A failed lookup (timeout, SERVFAIL, refused, unreachable server) keeps the name's last
-//!   good addresses and retries sooner, doubling from `min_refresh` up to `max_refresh`.
+//! - A failed lookup (timeout, SERVFAIL, refused, unreachable server — for SRV, of the
+//!   records or of any target looked up) keeps the name's last good addresses and retries sooner, doubling from `min_refresh` up to `max_refresh`.
 //! - An empty answer (NXDOMAIN, or no records) is believed only when the lookup after it,
 //!   `min_refresh` later, says the same; the name then contributes no endpoints.
 //! - Nothing is handed over until every name has had its first answer, so `/ready` waits
@@ -17,7 +17,7 @@
 //! Must not: block the request path — requests read the balancer's snapshot only.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -192,11 +192,12 @@ impl Resolver {
                 Answer::Failed(e) => failure = Some(e),
             }
         }
-        match (set.is_empty(), failure) {
-            (false, _) => Answer::Found(set, ttl),
-            // A target we could not resolve may have had addresses: not known to be empty.
-            (true, Some(e)) => Answer::Failed(e),
-            (true, None) => Answer::Empty("no SRV target has an address".into()),
+        match (failure, set.is_empty()) {
+            // A target we could not resolve may still have its addresses: the answer is
+            // incomplete, so the name keeps its last set rather than losing that target's.
+            (Some(e), _) => Answer::Failed(e),
+            (None, false) => Answer::Found(set, ttl),
+            (None, true) => Answer::Empty("no SRV target has an address".into()),
         }
     }
 }
@@ -364,16 +365,12 @@ impl Watch {
         let mut set = self.fixed.clone();
         let mut refused = Vec::new();
         for e in known.iter().flat_map(|k| k.set.iter().flatten()) {
-            if !self.allowed(e.addr.ip()) {
+            if !super::in_networks(&self.allowed, e.addr.ip()) {
                 refused.push(e.addr);
             } else if seen.insert(e.addr) {
                 set.push(e.clone());
             }
         }
         (set, refused)
-    }
-
-    fn allowed(&self, ip: IpAddr) -> bool {
-        self.allowed.is_empty() || self.allowed.iter().any(|n| n.contains(&ip))
     }
 }

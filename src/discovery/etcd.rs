@@ -95,7 +95,7 @@ impl Watch {
     /// Whether the address is in an allowed network; a refusal is logged and counted (a
     /// poisoned registry entry, such as a cloud metadata address, never gets traffic).
     fn allowed(&self, key: &str, e: &EndpointSpec, status: &WatchStatus) -> bool {
-        if self.allowed.is_empty() || self.allowed.iter().any(|n| n.contains(&e.addr.ip())) {
+        if super::in_networks(&self.allowed, e.addr.ip()) {
             return true;
         }
         status.refused.fetch_add(1, Ordering::Relaxed);

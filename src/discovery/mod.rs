@@ -56,6 +56,11 @@ fn key(config: &DiscoveryConfig, sources: &Sources, protocol: UpstreamProtocol) 
     }
 }
 
+/// Whether a discovered address may get traffic: in one of `allowed` (empty: any).
+fn in_networks(allowed: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    allowed.is_empty() || allowed.iter().any(|n| n.contains(&ip))
+}
+
 // === impl Sources ===
 
 impl Sources {
