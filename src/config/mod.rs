@@ -58,10 +58,17 @@ pub struct Config {
 }
 
 /// A config file's text and the environment its `${VAR}`s were expanded from.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub struct Source {
     pub text: String,
     pub env: std::collections::HashMap<String, String>,
+}
+
+/// The environment may hold secrets: only its variable names are printed.
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source").field("text", &self.text).field("env", &self.env.keys()).finish()
+    }
 }
 
 /// A service's live overlay as read from etcd: YAML or JSON text (see `file::OverlayFile`).
