@@ -202,7 +202,7 @@ async fn a_name_that_is_gone_empties_the_service_once_confirmed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_waits_for_the_first_resolution() {
     let (port, _backends) = same_port(&["a"]).await;
-    let server = closed_port();
+    let server = free_addr();
     let yaml = format!(
         "admin:\n  bind: 127.0.0.1:0\ndns:\n  servers: [\"{server}\"]\n  timeout: 200ms\n  min_refresh: 100ms\n  max_refresh: 1s\n\
          listeners:\n  - name: front\n    bind: 127.0.0.1:0\n    service: pay\n\

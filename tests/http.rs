@@ -223,7 +223,7 @@ async fn no_endpoints_is_503_with_reason() {
 
 #[tokio::test]
 async fn connect_failure_is_502_with_reason() {
-    let dead = closed_port();
+    let dead = refused_addr();
     let app = start_app(&one_service("http", "", &[(dead, 1)])).await;
     let front = app.listener_addr("front").await.unwrap();
     let (status, headers, body) = get(&client(), &format!("http://{front}/")).await;

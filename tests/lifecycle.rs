@@ -40,7 +40,7 @@ async fn post_shutdown_stops_the_proxy() {
 }
 
 fn free_port() -> u16 {
-    closed_port().port()
+    free_addr().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,7 +43,7 @@ async fn an_upload_the_app_abandons_is_logged_as_client_aborted() {
         if body.is_ok() { text(200, "ok") } else { text(500, "body broke") }
     })
     .await;
-    let front = closed_port();
+    let front = free_addr();
     let yaml = one_service("http", "", &[(echo.addr, 1)])
         .replace(
             "  bind: 127.0.0.1:0\nshutdown",

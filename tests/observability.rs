@@ -172,7 +172,7 @@ async fn scrape(app: &outrider::app::App) -> HashMap<String, f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_down_costs_only_the_drop_counter() {
     let backend = Backend::named("ok").await;
-    let dead = closed_port();
+    let dead = refused_addr();
     let extra = "  queue_size: 2\n  batch_size: 1\n  export_timeout: 200ms\n";
     let yaml = one_service("http", "", &[(backend.addr, 1)]) + &tracing_yaml(dead, extra);
     let app = start_app(&yaml).await;
@@ -260,7 +260,7 @@ async fn metrics_move_by_exact_amounts() {
 async fn access_log_lines_are_json_with_the_trace_id() {
     let (collector, _spans) = start_collector().await;
     let backend = Backend::named("ok").await;
-    let (admin, front) = (closed_port(), closed_port());
+    let (admin, front) = (free_addr(), free_addr());
     let yaml = format!(
         "admin:\n  bind: {admin}\naccess_log:\n  enabled: true\n\
          listeners:\n  - {{ name: front, bind: {front}, service: svc }}\n\

@@ -93,9 +93,9 @@ async fn sigterm_deletes_the_key_before_the_listener_stops() {
     let local = app_with_health(Arc::new(AtomicBool::new(true))).await;
     let key = format!("svc/checkout/{}", local.addr);
     let mut watch = kv.watch(key.as_str(), None).await.unwrap();
-    let front = format!("127.0.0.1:{}", closed_port().port());
+    let front = format!("127.0.0.1:{}", free_addr().port());
     let yaml = register_yaml(&etcd, local.addr, "")
-        .replace("bind: 127.0.0.1:0", &format!("bind: 127.0.0.1:{}", closed_port().port()))
+        .replace("bind: 127.0.0.1:0", &format!("bind: 127.0.0.1:{}", free_addr().port()))
         .replace("drain_window: 0s", "drain_window: 1s")
         + &format!(
             "listeners:\n  - name: front\n    bind: {front}\n    service: up\n\

@@ -155,7 +155,7 @@ async fn a_post_is_retried_when_it_never_left() {
     let (good, _) = status_backend(200, "good").await;
     let extra = format!("{NO_EJECTION}    load_balancing: weighted_round_robin\n");
     // The dead endpoint comes first: the first attempt always fails to connect.
-    let app = start_app(&yaml(&extra, &[closed_port(), good.addr])).await;
+    let app = start_app(&yaml(&extra, &[refused_addr(), good.addr])).await;
     let url = format!("http://{}/pay", app.listener_addr("front").await.unwrap());
     let (status, headers) = post(&url, Bytes::from_static(b"{}"), None).await;
     assert_eq!(status, 200);
@@ -296,7 +296,7 @@ async fn http_health_checks_mark_down_and_up() {
 #[tokio::test]
 async fn tcp_health_checks_mark_a_dead_endpoint_down() {
     let b = Backend::named("b").await;
-    let dead = closed_port();
+    let dead = refused_addr();
     let extra = format!("    health_check: {{ kind: tcp, {FAST_CHECKS} }}\n");
     let app = start_app(&yaml(&extra, &[dead, b.addr])).await;
     until_state(&app, dead, "unhealthy").await;

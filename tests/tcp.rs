@@ -41,7 +41,7 @@ async fn tcp_echo_with_half_close() {
 
 #[tokio::test]
 async fn tcp_connect_failure_closes_the_client_promptly() {
-    let app = start_app(&one_service("tcp", "", &[(closed_port(), 1)])).await;
+    let app = start_app(&one_service("tcp", "", &[(refused_addr(), 1)])).await;
     let front = app.listener_addr("front").await.unwrap();
     let mut conn = within(TcpStream::connect(front)).await.unwrap();
     let mut buf = [0u8; 16];

@@ -669,7 +669,7 @@ async fn registration_advertises_tls_and_discovery_uses_its_server_name() {
     let callee = ca.leaf("checkout", &["checkout.shop.svc", "spiffe://cluster.local/ns/shop/sa/checkout"]);
     let caller = ca.leaf("cart", &["spiffe://cluster.local/ns/shop/sa/cart"]);
     let local = local_app().await;
-    let port = closed_port();
+    let port = free_addr();
     let callee_yaml = format!(
         "admin:\n  bind: 127.0.0.1:0\nshutdown:\n  drain_window: 0s\n\
          etcd:\n  endpoints: [{url}]\n  dial_timeout: 500ms\n  request_timeout: 1s\n\
@@ -845,7 +845,7 @@ fn tls_settings_that_cannot_work_are_refused() {
 async fn system_roots_trust_the_system_store() {
     let ca = Ca::new("system");
     let up = TlsBackend::named(ca.leaf("server", &["127.0.0.1"]).server_config(None), "system").await;
-    let front = closed_port();
+    let front = free_addr();
     let yaml = one_service("http", &tls_service("http1", &["system_roots: true".into()]), &[(up.addr(), 1)])
         .replace("bind: 127.0.0.1:0\n    protocol", &format!("bind: {front}\n    protocol"));
     let mut outrider = Binary::spawn_env(&yaml, None, &[("SSL_CERT_FILE", &ca.cert.display().to_string())]);
@@ -927,7 +927,7 @@ async fn certificate_expiry_is_exported_and_warned_about() {
     let ca = Ca::new("expiry");
     let short = ca.leaf_with("short", &["app.internal"], Validity::DaysLeft(3));
     let local = local_app().await;
-    let admin = closed_port();
+    let admin = free_addr();
     let yaml = terminating("http", &short, &[], local.addr)
         .replace("bind: 127.0.0.1:0\nshutdown", &format!("bind: {admin}\nshutdown"));
     let mut outrider = Binary::spawn(&yaml);
@@ -967,7 +967,7 @@ async fn sighup_rereads_tls_files() {
     std::os::unix::fs::symlink(&first.cert, &cert).unwrap();
     std::os::unix::fs::symlink(&first.key, &key).unwrap();
     let local = local_app().await;
-    let front = closed_port();
+    let front = free_addr();
     let linked = Leaf { cert, key, ..first.clone() };
     let yaml = terminating("http", &linked, &[], local.addr)
         .replace("bind: 127.0.0.1:0\n    protocol", &format!("bind: {front}\n    protocol"));

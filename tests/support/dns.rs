@@ -21,7 +21,7 @@ impl Dnsmasq {
     /// Serves `hosts` (hosts-file lines) with TTL `ttl` seconds; `extra`: more dnsmasq
     /// options, such as `--srv-host=...`.
     pub async fn start(hosts: &str, ttl: u32, extra: &[String]) -> Dnsmasq {
-        Dnsmasq::start_on(super::closed_port(), hosts, ttl, extra).await
+        Dnsmasq::start_on(super::free_addr(), hosts, ttl, extra).await
     }
 
     pub async fn start_on(addr: SocketAddr, hosts: &str, ttl: u32, extra: &[String]) -> Dnsmasq {

@@ -13,7 +13,7 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> Etcd {
-        let (client_port, peer_port) = (super::closed_port().port(), super::closed_port().port());
+        let (client_port, peer_port) = (super::free_addr().port(), super::free_addr().port());
         let mut etcd = Etcd {
             url: format!("http://127.0.0.1:{client_port}"),
             client_port,

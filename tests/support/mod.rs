@@ -144,9 +144,21 @@ pub fn empty() -> TestBody {
 }
 
 /// A loopback port that nothing listens on (bound, then released).
-pub fn closed_port() -> SocketAddr {
+/// A loopback address that was free a moment ago, for a process or listener to bind next.
+pub fn free_addr() -> SocketAddr {
     let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     socket.local_addr().unwrap()
+}
+
+/// A loopback address that refuses every connection for the rest of the test run: the port stays
+/// bound (so no other test's listener can take it) but never listens.
+pub fn refused_addr() -> SocketAddr {
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    HELD.lock().unwrap().push(socket);
+    addr
 }
 
 /// Outrider's logs go to the test's captured output: shown only when a test fails.
