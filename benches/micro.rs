@@ -15,7 +15,7 @@ use outrider::config::{Config, EndpointSpec, Policy};
 use outrider::telemetry::metrics::{Matrix, ServiceMetrics};
 use outrider::upstream::breaker::Breaker;
 use outrider::upstream::budget::Budget;
-use outrider::upstream::{Balancer, Owner};
+use outrider::upstream::{Balancer, Owner, Settings};
 
 fn main() {
     divan::main();
@@ -34,7 +34,7 @@ fn specs(n: usize, weighted: bool) -> Vec<EndpointSpec> {
 }
 
 fn balancer(policy: Policy, n: usize, weighted: bool) -> (std::sync::Arc<Balancer>, Owner) {
-    let (b, mut owner) = Balancer::new(policy, &Default::default());
+    let (b, mut owner) = Balancer::new(&Settings { policy, ..Default::default() });
     owner.update(&specs(n, weighted));
     (b, owner)
 }
@@ -114,5 +114,69 @@ fn record_request_metrics(bencher: Bencher) {
         e.add(0, 1);
         m.request_duration.observe(Duration::from_micros(700));
         m.upstream_duration.observe(Duration::from_micros(600));
+    });
+}
+
+/// A service's routing from `routes:` YAML (indented for a service block).
+fn routing(routes: &str) -> outrider::config::Routing {
+    let yaml = format!(
+        "listeners: [{{ name: f, bind: 127.0.0.1:0, service: s }}]\nservices:\n  s:\n    endpoints: []\n{routes}"
+    );
+    Config::parse_with_env(&yaml, HashMap::new()).unwrap().services["s"].routing.clone()
+}
+
+/// A request head as an app sends it: eight ordinary headers.
+fn typical_headers() -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in [
+        ("host", "payments.internal:8080"),
+        ("user-agent", "okhttp/4.12.0"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("x-request-id", "6f1c2a4e-8b1d-4c55-9a7e-0d3b2f1e9c11"),
+        ("x-user", "user-48213"),
+        ("cookie", "theme=dark; session=abc123; lang=en"),
+    ] {
+        h.insert(k, v.parse().unwrap());
+    }
+    h
+}
+
+/// The cost routing adds per request: no rules at all, rules none of which match, the
+/// first rule matching on a header, and a sticky 95/5 split on a cookie.
+#[divan::bench(args = ["none", "three_miss", "first_header_match", "sticky_split"])]
+fn route_request(bencher: Bencher, case: &str) {
+    let r = match case {
+        "none" => outrider::config::Routing::default(),
+        "three_miss" => routing(
+            "    routes:\n      - { match: { headers: [{ name: x-canary, equals: \"1\" }] }, to: { version: v2 } }\n\
+             \x20     - { match: { path_prefix: /admin/ }, to: { track: internal } }\n\
+             \x20     - { match: { methods: [DELETE] }, to: { track: careful } }\n",
+        ),
+        "first_header_match" => routing(
+            "    routes:\n      - { match: { headers: [{ name: x-user, equals: user-48213 }] }, to: { version: v2 } }\n",
+        ),
+        _ => routing(
+            "    routes:\n      - sticky: { cookie: session }\n        split:\n\
+             \x20         - { to: { version: v1 }, weight: 95 }\n          - { to: { version: v2 }, weight: 5 }\n",
+        ),
+    };
+    let headers = typical_headers();
+    let method = http::Method::GET;
+    let req = outrider::routing::Request {
+        method: &method,
+        path: "/v1/payments/42",
+        headers: &headers,
+        source: None,
+    };
+    bencher.bench(|| outrider::routing::route(divan::black_box(&r), divan::black_box(&req)).target);
+}
+
+#[divan::bench(args = SIZES)]
+fn pick_ring_hash(bencher: Bencher, n: usize) {
+    let (b, _owner) = balancer(Policy::RingHash, n, true);
+    bencher.with_inputs(|| fastrand::u64(..)).bench_local_values(|key| {
+        b.pick_avoiding(outrider::upstream::Target { subset: 0, hash: Some(key) }, &[])
     });
 }

@@ -1,6 +1,6 @@
 //! The admin server: probes, introspection and a shutdown hook, on loopback by default.
 //!
-//! Owns: `/live`, `/ready`, `/config`, `/upstreams`, `POST /shutdown`. Must not: change
+//! Owns: `/live`, `/ready`, `/config`, `/upstreams`, `/explain`, `POST /shutdown`. Must not: change
 //! routing — it reads `App` state, and its only write is asking for shutdown, which it
 //! answers only to loopback clients (the admin port may be bound on the pod IP for probes).
 
@@ -48,6 +48,7 @@ async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full
         (&Method::GET, "/ready") => ready(app),
         (&Method::GET, "/config") => config(app).await,
         (&Method::GET, "/upstreams") => upstreams(app).await,
+        (&Method::GET, "/explain") => explain(app, req.uri().query().unwrap_or("")),
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::expose::render(app))));
             let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -63,10 +64,12 @@ async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full
             app.shutdown(false);
             json_response(StatusCode::ACCEPTED, &json!({ "shutting_down": true }))
         }
-        (_, "/live" | "/ready" | "/config" | "/upstreams" | "/metrics" | "/shutdown") => {
+        (_, "/live" | "/ready" | "/config" | "/upstreams" | "/explain" | "/metrics" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams /metrics\n"),
+        _ => {
+            text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams /explain /metrics\n")
+        }
     }
 }
 
@@ -109,7 +112,7 @@ async fn upstreams(app: &App) -> Response<Full<Bytes>> {
                 "protocol": up.config.protocol,
                 "discovery": discovery_name(&up.config.discovery),
                 "synced": up.balancer.snapshot().synced,
-                "panic_mode": up.balancer.snapshot().panic,
+                "panic_mode": up.balancer.snapshot().panic(),
                 "circuit_breaker": up.breaker.state_name(),
                 "in_flight": up.breaker.in_flight(),
                 "watch": watches.remove(name),
@@ -122,6 +125,59 @@ async fn upstreams(app: &App) -> Response<Full<Bytes>> {
     let body =
         json!({ "generation": runtime.generation, "registration": registration, "services": services });
     json_response(StatusCode::OK, &body)
+}
+
+/// `/explain?service=S&method=GET&path=/x&header=name:value&source=IP`: what would happen
+/// to such a request now (`header` may repeat; method GET and path / by default).
+fn explain(app: &App, query: &str) -> Response<Full<Bytes>> {
+    let (mut service, mut method, mut path, mut source) = (None, Method::GET, "/".to_string(), None);
+    let mut headers = http::HeaderMap::new();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let refused = match key.as_ref() {
+            "service" => {
+                service = Some(value.to_string());
+                None
+            }
+            "path" if value.starts_with('/') => {
+                path = value.to_string();
+                None
+            }
+            "path" => Some("a path starts with '/'"),
+            "method" => {
+                Method::from_bytes(value.as_bytes()).map(|m| method = m).err().map(|_| "not a method")
+            }
+            "source" => value.parse().map(|ip| source = Some(ip)).err().map(|_| "not an IP address"),
+            "header" => {
+                let pair = value.split_once(':').map(|(k, v)| {
+                    (http::HeaderName::from_bytes(k.trim().as_bytes()), http::HeaderValue::from_str(v.trim()))
+                });
+                match pair {
+                    Some((Ok(k), Ok(v))) => {
+                        headers.append(k, v);
+                        None
+                    }
+                    _ => Some("a header is name:value"),
+                }
+            }
+            _ => Some("unknown parameter (service, method, path, header, source)"),
+        };
+        if let Some(why) = refused {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": format!("{key}={value}: {why}") }),
+            );
+        }
+    }
+    let runtime = app.runtime();
+    let Some(name) = service else {
+        let msg = "give ?service=NAME (and optionally method, path, header=name:value, source)";
+        return json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }));
+    };
+    let Some(up) = runtime.upstreams.get(&name) else {
+        return json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("no service {name:?}") }));
+    };
+    let req = crate::routing::Request { method: &method, path: &path, headers: &headers, source };
+    json_response(StatusCode::OK, &crate::proxy::explain::explain(up, &req))
 }
 
 fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {

@@ -25,6 +25,7 @@ pub mod overlay_cli;
 mod pki;
 mod proxy;
 mod register;
+pub mod routing;
 mod server;
 pub mod telemetry;
 mod tls;

@@ -397,3 +397,82 @@ fn an_empty_overlay_prefix_is_refused_and_overlays_validate_like_the_file() {
     assert!(text[0].contains("between 0 (drain) and 65535"), "{text:?}");
     assert!(text[1].contains("weights.nowhere") && text[1].contains("not an endpoint address"), "{text:?}");
 }
+
+#[test]
+fn routing_mistakes_name_their_path_and_line() {
+    let yaml = "\
+listeners:
+  - name: front
+    bind: 127.0.0.1:7001
+    service: a
+services:
+  a:
+    endpoints: []
+    load_balancing: ring_hash
+    locality: prefer_local
+    routes:
+      - name: both
+        to: { version: v2 }
+        split: [{ to: { version: v1 }, weight: 1 }]
+      - match:
+          headers:
+            - { name: x-user, regex: \"([a-z\" }
+            - { name: x-a, equals: \"1\", present: true }
+          path_prefix: api
+          methods: [get]
+        to: { version: v2 }
+        fallback: elsewhere
+      - split:
+          - { to: { version: v1 }, weight: 0 }
+          - { to: { version: v2 }, weight: 0 }
+        retries: everywhere
+      - to: { version: v3 }
+        sticky: { header: x-user }
+        fallback: subset
+  b:
+    endpoints: []
+    hash_key: { header: x-user, cookie: session }
+";
+    let all = problems(yaml);
+    assert_problem(&all, "services.a.load_balancing", 8, "ring_hash needs a `hash_key`");
+    assert_problem(&all, "services.a.locality", 9, "not with ring_hash");
+    assert_problem(&all, "services.a.routes[0]", 11, "not both");
+    assert_problem(&all, "services.a.routes[1].match.headers[0].regex", 16, "not a regular expression");
+    assert_problem(&all, "services.a.routes[1].match.headers[1]", 17, "exactly one of");
+    assert_problem(&all, "services.a.routes[1].match.path_prefix", 18, "must start with '/'");
+    assert_problem(&all, "services.a.routes[1].match.methods[0]", 19, "not a method");
+    assert_problem(&all, "services.a.routes[1].fallback", 21, "use service, fail or subset");
+    assert_problem(&all, "services.a.routes[2].split", 22, "every weight is 0");
+    assert_problem(&all, "services.a.routes[2].retries", 25, "use subset or service");
+    assert_problem(&all, "services.a.routes[3].sticky", 27, "this route has one subset");
+    assert_problem(&all, "services.a.routes[3].fallback", 28, "needs `fallback_to`");
+    assert_problem(&all, "services.b.hash_key", 31, "exactly one of");
+    assert!(all.iter().any(|p| p.message.contains("zone.name")), "prefer_local without a zone: {all:#?}");
+    assert_eq!(all.len(), 15, "{all:#?}"); // b: also a hash_key without ring_hash
+}
+
+#[test]
+fn routing_defaults_are_the_documented_ones() {
+    let yaml = "\
+zone:
+  name: eu-west-1a
+listeners:
+  - { name: front, bind: 127.0.0.1:7001, service: a }
+services:
+  a:
+    endpoints: []
+    locality: prefer_local
+    routes:
+      - to: { version: v2 }
+";
+    let config = Config::parse_with_env(yaml, HashMap::new()).unwrap();
+    let routing = &config.services["a"].routing;
+    let rule = routing.locality.as_ref().unwrap();
+    assert_eq!((rule.zone.as_str(), rule.tag.as_str(), rule.min_endpoints), ("eu-west-1a", "zone", 6));
+    let route = &routing.routes[0];
+    assert_eq!(route.name, "route-0");
+    assert_eq!(route.fallback, outrider::config::Fallback::Service);
+    assert_eq!(route.retries, outrider::config::RetryScope::Subset);
+    assert!(route.sticky.is_none());
+    assert_eq!(config.services["a"].load_balancing, outrider::config::Policy::WeightedRoundRobin);
+}

@@ -329,3 +329,35 @@ async fn spans_carry_the_peer_identity_and_the_tls_error() {
     let identity = attr(request, "outrider.peer_identity");
     assert_eq!(identity.as_deref(), Some("spiffe://cluster.local/ns/shop/sa/cart"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_carry_the_routing_decision() {
+    let (collector, mut spans) = start_collector().await;
+    let (v1, v2) = (Backend::named("v1").await, Backend::named("v2").await);
+    let yaml = format!(
+        "admin:\n  bind: 127.0.0.1:0\nlisteners:\n  - {{ name: front, bind: 127.0.0.1:0, service: svc }}\n\
+         services:\n  svc:\n    routes:\n\
+         \x20     - {{ name: beta, match: {{ headers: [{{ name: x-beta, present: true }}] }}, to: {{ version: v2 }} }}\n\
+         \x20     - {{ name: gone, match: {{ path_prefix: /gone }}, to: {{ version: v9 }} }}\n\
+         \x20   endpoints:\n      - {{ addr: \"{}\", tags: {{ version: v1 }} }}\n      - {{ addr: \"{}\", tags: {{ version: v2 }} }}\n{}",
+        v1.addr,
+        v2.addr,
+        tracing_yaml(collector, "")
+    );
+    let app = start_app(&yaml).await;
+    let front = app.listener_addr("front").await.unwrap();
+    let req = http::Request::get(format!("http://{front}/")).header("x-beta", "1").body(empty()).unwrap();
+    assert_eq!(within(client().request(req)).await.unwrap().status(), 200);
+    let span = next_span(&mut spans).await;
+    assert_eq!(attr(&span, "outrider.route").as_deref(), Some("beta"));
+    assert_eq!(attr(&span, "outrider.subset").as_deref(), Some("version=v2"));
+    assert_eq!(attr(&span, "outrider.fallback").as_deref(), Some("BoolValue(false)"));
+    assert_eq!(attr(&span, "outrider.locality").as_deref(), Some("any"));
+    assert_eq!(attr(&span, "outrider.endpoint"), Some(v2.addr.to_string()));
+
+    assert_eq!(get(&client(), &format!("http://{front}/gone")).await.0, 200);
+    let span = next_span(&mut spans).await;
+    assert_eq!(attr(&span, "outrider.route").as_deref(), Some("gone"));
+    assert_eq!(attr(&span, "outrider.fallback").as_deref(), Some("BoolValue(true)"));
+    assert_eq!(attr(&span, "outrider.subset"), None, "fell back to the whole service");
+}

@@ -234,3 +234,68 @@ async fn the_overlay_command_validates_before_it_writes() {
     assert_eq!(code, Some(0), "{out}");
     assert!(kv.get(KEY, None).await.unwrap().kvs().is_empty());
 }
+
+/// Subset v1 (a) and v2 (b), split by the file 95/5.
+fn canary_config(etcd: &Etcd, a: &Backend, b: &Backend) -> String {
+    format!(
+        "admin:\n  bind: 127.0.0.1:0\nshutdown:\n  drain_window: 0s\n\
+         etcd:\n  endpoints: [{}]\n  dial_timeout: 500ms\n  request_timeout: 1s\n  overlay_prefix: outrider/overlay/\n\
+         listeners:\n  - name: front\n    bind: 127.0.0.1:0\n    service: pay\n\
+         services:\n  pay:\n    routes:\n      - name: canary\n        split:\n\
+         \x20         - {{ to: {{ version: v1 }}, weight: 95 }}\n          - {{ to: {{ version: v2 }}, weight: 5 }}\n\
+         \x20   endpoints:\n      - {{ addr: \"{}\", tags: {{ version: v1 }} }}\n      - {{ addr: \"{}\", tags: {{ version: v2 }} }}\n",
+        etcd.url, a.addr, b.addr
+    )
+}
+
+/// Waits until the canary route's split weights are `want`.
+async fn until_split(app: &App, want: [u64; 2]) {
+    let url = format!("http://{}/explain?service=pay", app.admin_addr());
+    within(async {
+        loop {
+            let (_, _, body) = get(&client(), &url).await;
+            let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let weights: Vec<u64> = e["route"]["split"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["weight"].as_u64().unwrap())
+                .collect();
+            if weights == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_moves_fleet_wide_through_the_overlay() {
+    let etcd = Etcd::start().await;
+    let mut kv = etcd.client().await;
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    // Two Outriders, as two pods of the caller would run.
+    let apps =
+        [start_app(&canary_config(&etcd, &a, &b)).await, start_app(&canary_config(&etcd, &a, &b)).await];
+    let canary = |v1: u32, v2: u32| {
+        format!(
+            "routes:\n  - name: canary\n    split:\n      - {{ to: {{ version: v1 }}, weight: {v1} }}\n      - {{ to: {{ version: v2 }}, weight: {v2} }}\n"
+        )
+    };
+    kv.put(KEY, canary(50, 50), None).await.unwrap();
+    for app in &apps {
+        until_split(app, [50, 50]).await;
+        let (on_a, on_b) = split(app, 200).await;
+        assert!(on_a > 60 && on_b > 60, "50/50: {on_a}/{on_b}");
+    }
+    kv.put(KEY, canary(0, 100), None).await.unwrap();
+    for app in &apps {
+        until_split(app, [0, 100]).await;
+        assert_eq!(split(app, 50).await, (0, 50), "100% on the canary");
+    }
+    kv.delete(KEY, None).await.unwrap();
+    for app in &apps {
+        until_split(app, [95, 5]).await;
+    }
+}

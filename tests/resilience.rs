@@ -5,7 +5,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,18 +13,6 @@ use http::Request;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
-
-/// Answers every request with the status held in the returned cell.
-async fn status_backend(initial: u16, name: &'static str) -> (Backend, Arc<AtomicU16>) {
-    let status = Arc::new(AtomicU16::new(initial));
-    let s = status.clone();
-    let backend = Backend::start(move |_req| {
-        let code = s.load(Ordering::SeqCst);
-        async move { text(code, name) }
-    })
-    .await;
-    (backend, status)
-}
 
 fn yaml(extra: &str, endpoints: &[SocketAddr]) -> String {
     let weighted: Vec<_> = endpoints.iter().map(|a| (*a, 1)).collect();

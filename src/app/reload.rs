@@ -17,8 +17,8 @@ use crate::proxy::{Listener, Shared, Upstream};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::ServiceMetrics;
 use crate::tls::server::ServerTls;
-use crate::upstream::Service;
 use crate::upstream::health::Checker;
+use crate::upstream::{Service, Settings};
 
 // === impl App ===
 
@@ -256,14 +256,14 @@ pub(super) async fn build_upstreams(
     let mut upstreams = BTreeMap::new();
     for (name, svc) in &config.services {
         let prev = previous.and_then(|r| r.upstreams.get(name));
-        let outlier = &svc.resilience.outlier;
+        let settings = Settings::of(svc);
         let old = tasks.remove(name);
         let (service, old_discovery, old_checker) = match old {
             Some(t) => (t.service, Some(t.discovery), t.checker),
-            None => (Service::spawn(name, svc.load_balancing, outlier), None, None),
+            None => (Service::spawn(name, &settings), None, None),
         };
         let handle = service.handle();
-        handle.configure(svc.load_balancing, outlier, &svc.weights).await;
+        handle.configure(settings).await;
         let discovery = match old_discovery {
             Some(d) => d.reconfigure(name, &svc.discovery, cx.sources, svc.protocol, handle).await,
             None => Discovery::start(name, &svc.discovery, cx.sources, svc.protocol, handle).await,

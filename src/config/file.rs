@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{ListenerProtocol, Policy, UpstreamProtocol};
+use super::{ListenerProtocol, Locality, Policy, UpstreamProtocol};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +35,16 @@ pub struct File {
     /// How host names are resolved (services with `discovery: dns` or `host:port` endpoints).
     #[serde(default)]
     pub dns: DnsFile,
+    /// This Outrider's zone, for services with `locality: prefer_local`.
+    pub zone: Option<ZoneFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneFile {
+    pub name: Option<String>,
+    pub tag: Option<String>,
+    pub min_endpoints: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +209,11 @@ pub struct ServiceFile {
     pub rate_limit: Option<RateLimitFile>,
     pub allowed_networks: Option<Vec<String>>,
     pub tls: Option<UpstreamTlsFile>,
+    /// The key `load_balancing: ring_hash` hashes.
+    pub hash_key: Option<HashKeyFile>,
+    #[serde(default)]
+    pub locality: Locality,
+    pub routes: Option<Vec<RouteFile>>,
     /// Weight overrides by endpoint address (0: drained); only an etcd overlay sets them.
     #[serde(skip)]
     pub weights: Option<BTreeMap<String, i64>>,
@@ -215,6 +230,7 @@ pub struct OverlayFile {
     pub outlier_detection: Option<OutlierFile>,
     pub circuit_breaker: Option<BreakerFile>,
     pub rate_limit: Option<RateLimitFile>,
+    pub routes: Option<Vec<RouteFile>>,
 }
 
 /// Copies every field the overlay sets over the file's value.
@@ -227,7 +243,7 @@ macro_rules! overlay_fields {
 impl ServiceFile {
     /// File < overlay: each setting the overlay names replaces the file's, field by field
     /// inside `timeouts`, `retries` (and its `budget`), `outlier_detection` and
-    /// `circuit_breaker`; `rate_limit` and `weights` replace the file's whole.
+    /// `circuit_breaker`; `rate_limit`, `weights` and `routes` replace the file's whole.
     pub fn overlay(&mut self, o: OverlayFile) {
         if let Some(p) = o.load_balancing {
             self.load_balancing = p;
@@ -254,6 +270,9 @@ impl ServiceFile {
         }
         if o.weights.is_some() {
             self.weights = o.weights;
+        }
+        if o.routes.is_some() {
+            self.routes = o.routes;
         }
     }
 }
@@ -400,4 +419,56 @@ pub struct ListenerTlsFile {
     pub allowed_identities: Option<Vec<String>>,
     pub min_version: Option<String>,
     pub forward_client_cert: Option<bool>,
+}
+
+/// What a request is hashed on: exactly one of the four.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashKeyFile {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub path: Option<bool>,
+    pub source: Option<bool>,
+}
+
+/// One routing rule: what it matches, and the subset (or split of subsets) it sends to.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matches: MatchFile,
+    pub to: Option<BTreeMap<String, String>>,
+    pub split: Option<Vec<SplitFile>>,
+    pub sticky: Option<HashKeyFile>,
+    pub fallback: Option<String>,
+    pub fallback_to: Option<BTreeMap<String, String>>,
+    pub retries: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchFile {
+    pub headers: Option<Vec<HeaderMatchFile>>,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub grpc_service: Option<String>,
+    pub grpc_method: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchFile {
+    pub name: String,
+    pub equals: Option<String>,
+    pub present: Option<bool>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitFile {
+    pub to: BTreeMap<String, String>,
+    /// Signed so that a negative weight reaches validation and gets a message with its path.
+    pub weight: i64,
 }

@@ -11,6 +11,7 @@ mod file;
 mod inbound;
 mod locate;
 mod resilience;
+mod routing;
 mod services;
 mod telemetry;
 mod tls;
@@ -29,6 +30,10 @@ use sha2::{Digest, Sha256};
 
 pub use inbound::{ADMIN_LIMITS, InboundLimits, LISTENER_LIMITS};
 pub use resilience::*;
+pub use routing::{
+    Fallback, HashKey, HeaderMatch, HeaderTest, LocalityRule, Match, Pattern, RetryScope, Route, Routing,
+    Selector, Share,
+};
 pub use telemetry::*;
 pub use tls::{ListenerTls, TlsVersion, UpstreamTls, default_alpn};
 pub use validate::{Problem, defaults};
@@ -210,6 +215,8 @@ pub struct ServiceConfig {
     /// Weights that replace discovery's, by endpoint address, from the etcd overlay; 0 drains
     /// the endpoint (kept and shown, never picked).
     pub weights: BTreeMap<SocketAddr, u32>,
+    /// Routes to subsets by endpoint tags, the ring-hash key, and zone preference.
+    pub routing: Routing,
 }
 
 /// Where a service's endpoints come from.
@@ -277,6 +284,17 @@ pub enum Policy {
     #[default]
     WeightedRoundRobin,
     LeastRequest,
+    /// A consistent-hash ring over the endpoints, keyed by the service's `hash_key`.
+    RingHash,
+}
+
+/// Whether a service prefers endpoints in this Outrider's zone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Locality {
+    #[default]
+    Any,
+    PreferLocal,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ impl Validator {
         path: &str,
         mut s: ServiceFile,
         allowed: &[ipnet::IpNet],
+        zone: &super::routing::Zone,
     ) -> ServiceConfig {
         let name = path.strip_prefix("services.").unwrap_or(path);
         let discovery = match s.discovery {
@@ -101,7 +102,10 @@ impl Validator {
             );
         }
         let weights = s.weights.take().map(|w| self.weight_overrides(&join_key(path, "weights"), w));
+        let routing =
+            self.routing(path, s.routes.take(), s.hash_key.take(), s.locality, s.load_balancing, zone);
         ServiceConfig {
+            routing,
             weights: weights.unwrap_or_default(),
             discovery,
             load_balancing: s.load_balancing,

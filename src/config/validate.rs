@@ -63,6 +63,9 @@ pub mod defaults {
     pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
     pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
     pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(30);
+    pub const ZONE_TAG: &str = "zone";
+    /// Envoy's `min_cluster_size`: fewer endpoints than this, and zones are ignored.
+    pub const ZONE_MIN_ENDPOINTS: u32 = 6;
 }
 
 /// One thing wrong with a config, located in the file.
@@ -214,6 +217,7 @@ impl Validator {
             ),
         };
         let allowed = f.allowed_networks.map(|l| self.networks("allowed_networks", l)).unwrap_or_default();
+        let zone = self.zone(f.zone);
         let services: BTreeMap<_, _> = f
             .services
             .into_iter()
@@ -227,7 +231,7 @@ impl Validator {
                         ),
                     );
                 }
-                let service = self.service(&path, s, &allowed);
+                let service = self.service(&path, s, &allowed, &zone);
                 (name, service)
             })
             .collect();

@@ -18,14 +18,22 @@ use tokio::time::Instant;
 use super::Upstream;
 use super::error::ProxyError;
 use super::retry::Retry;
+use crate::config::{Fallback, RetryScope};
+use crate::routing::Routed;
 use crate::telemetry::metrics;
-use crate::upstream::InFlight;
 use crate::upstream::budget::backoff;
+use crate::upstream::{InFlight, Placement};
 
 /// The attempts of one request (or TCP connection).
 #[derive(Debug)]
 pub(crate) struct Attempts<'a> {
     up: &'a Upstream,
+    /// The subset (and ring key) picks draw from; the fallback's once that applied.
+    routed: Routed<'a>,
+    /// The route's subset had no routable endpoint and its fallback was used.
+    pub(crate) fell_back: bool,
+    /// Where the last pick landed (zone preference, panic).
+    pub(crate) placement: Placement,
     max: u32,
     count: u32,
     /// Endpoints already tried (inline: no allocation for the usual one or two).
@@ -45,11 +53,30 @@ pub(crate) enum Verdict {
 // === impl Attempts ===
 
 impl<'a> Attempts<'a> {
-    /// At most `max` attempts (1 for an upgrade), within the service's request timeout.
-    pub(crate) fn new(up: &'a Upstream, max: u32) -> Attempts<'a> {
+    /// At most `max` attempts (1 for an upgrade) to `routed`'s subset, within the service's
+    /// request timeout.
+    pub(crate) fn new(up: &'a Upstream, max: u32, routed: Routed<'a>) -> Attempts<'a> {
         up.budget.record_request();
         let deadline = Instant::now() + up.config.timeouts.request;
-        Attempts { up, max: max.max(1), count: 0, tried: SmallVec::new(), deadline }
+        Attempts {
+            up,
+            routed,
+            fell_back: false,
+            placement: Placement::Any,
+            max: max.max(1),
+            count: 0,
+            tried: SmallVec::new(),
+            deadline,
+        }
+    }
+
+    pub(crate) fn routed(&self) -> &Routed<'a> {
+        &self.routed
+    }
+
+    /// The tags of the subset picks draw from now.
+    pub(crate) fn subset_selector(&self) -> Option<&'a crate::config::Selector> {
+        self.up.config.routing.subsets.get(self.routed.target.subset)
     }
 
     /// Attempts made so far.
@@ -63,10 +90,36 @@ impl<'a> Attempts<'a> {
     }
 
     /// The endpoint for the next attempt, preferring one not tried yet; counts the attempt.
+    /// A subset with no routable endpoint gives way to its route's fallback; a retry stays
+    /// in the subset unless the route's `retries: service` lets it go anywhere.
     pub(crate) fn pick(&mut self) -> Result<InFlight, ProxyError> {
         self.count += 1;
-        let endpoint = self.up.balancer.pick_avoiding(&self.tried);
-        let endpoint = endpoint.ok_or_else(|| ProxyError::NoEndpoints(self.up.name.clone()))?;
+        if self.count > 1 && self.routed.retries() == RetryScope::Service {
+            self.routed.target.subset = 0;
+        }
+        let balancer = &self.up.balancer;
+        let mut picked = balancer.pick_avoiding(self.routed.target, &self.tried);
+        if picked.is_none() && self.routed.target.subset != 0 {
+            let to = match self.routed.fallback() {
+                Fallback::Service => Some(0),
+                Fallback::Subset(s) => Some(s),
+                Fallback::Fail => None,
+            };
+            if let Some(to) = to {
+                self.routed.target.subset = to;
+                self.fell_back = true;
+                picked = balancer.pick_avoiding(self.routed.target, &self.tried);
+            }
+        }
+        let Some((endpoint, placement)) = picked else {
+            return Err(match self.routed.route {
+                Some(route) if self.routed.target.subset != 0 => {
+                    ProxyError::NoSubsetEndpoints(self.up.name.clone(), route.name.clone())
+                }
+                _ => ProxyError::NoEndpoints(self.up.name.clone()),
+            });
+        };
+        self.placement = placement;
         self.tried.push(endpoint.addr());
         Ok(endpoint)
     }

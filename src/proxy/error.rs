@@ -20,6 +20,8 @@ pub(crate) const TLS_ERROR_HEADER: HeaderName = HeaderName::from_static("x-outri
 pub(crate) enum ProxyError {
     #[error("service {0} has no endpoints")]
     NoEndpoints(Arc<str>),
+    #[error("service {0}: no routable endpoint in the subset route {1} chose (nor in its fallback)")]
+    NoSubsetEndpoints(Arc<str>, String),
     #[error("{1}")]
     Connect(SocketAddr, String),
     #[error("{2}")]
@@ -50,7 +52,7 @@ pub(crate) enum ProxyError {
 impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints(_) | ProxyError::NoSubsetEndpoints(..) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(..)
             | ProxyError::Tls(..)
             | ProxyError::Upstream(..)
@@ -68,6 +70,7 @@ impl ProxyError {
     pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::NoEndpoints(_) => "no_endpoints",
+            ProxyError::NoSubsetEndpoints(..) => "no_subset_endpoints",
             ProxyError::Connect(..) => "connect_failed",
             ProxyError::Tls(..) => "tls_handshake_failed",
             ProxyError::Timeout(..) => "upstream_timeout",

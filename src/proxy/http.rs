@@ -29,6 +29,7 @@ use super::{Front, Upstream};
 use crate::client::body::{Outbound, RequestBody, UpstreamBody};
 use crate::client::{Lease, SendError, error_chain};
 use crate::config::UpstreamProtocol;
+use crate::routing::{self as route, Routed};
 use crate::server::{self, HeadError};
 use crate::telemetry::{access, metrics, trace};
 use crate::tls::server::Peer;
@@ -41,9 +42,11 @@ const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 /// Reports how many attempts a request took (retries are visible to the app).
 pub(crate) const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-outrider-attempts");
 
-/// Where a request came from: a TLS listener, and with a client certificate, who.
+/// Where a request came from: the client's address, a TLS listener, and with a client
+/// certificate, who.
 #[derive(Debug)]
 pub(crate) struct From {
+    pub(crate) addr: SocketAddr,
     pub(crate) tls: bool,
     pub(crate) peer: Option<Arc<Peer>>,
 }
@@ -133,26 +136,29 @@ fn check_head(req: &Request<Incoming>, front: &Front) -> Result<(), ProxyError> 
     })
 }
 
-/// Admission (rate limit, breaker), then attempts until one answers or no retry is allowed.
-async fn forward(
-    up: &Upstream,
+/// Admission (rate limit, breaker), routing, then attempts until one answers or no retry is
+/// allowed.
+async fn forward<'a>(
+    up: &'a Upstream,
     req: Request<Incoming>,
     from: &From,
-    ex: &mut Exchange<'_>,
+    ex: &mut Exchange<'a>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let admission = admit(up, req.headers())?;
+    let routed = routed(up, &req, from);
     if wants_upgrade(&req) {
-        return upgrade(up, req, from, admission, ex).await;
+        return upgrade(up, req, from, admission, routed, ex).await;
     }
     let policy = &up.config.resilience.retries;
     let safe = retry::safe_to_repeat(req.method(), req.headers(), policy);
     let (mut head, body) = req.into_parts();
     prepare(&mut head, from);
     let mut body = RequestBody::new(body, policy.max_attempts, policy.buffer_bytes);
-    let mut attempts = Attempts::new(up, policy.max_attempts);
+    let mut attempts = Attempts::new(up, policy.max_attempts, routed);
+    ex.routed(&attempts);
     loop {
         let endpoint = attempts.pick()?;
-        ex.attempt(&endpoint, attempts.count());
+        ex.attempt(&endpoint, &attempts);
         // `verdict` allows a retry only with a body to send, so this is always `Some`.
         let outbound =
             body.next().ok_or_else(|| ProxyError::BadRequest("request body already sent".into()))?;
@@ -171,6 +177,21 @@ async fn forward(
         }
         return finish(outcome, lease, endpoint, admission, failed);
     }
+}
+
+/// The subset (and ring key) the service's routing gives this request.
+fn routed<'a>(up: &'a Upstream, req: &Request<Incoming>, from: &From) -> Routed<'a> {
+    let routing = &up.config.routing;
+    if routing.routes.is_empty() && routing.hash_key.is_none() {
+        return Routed::default();
+    }
+    let view = route::Request {
+        method: req.method(),
+        path: req.uri().path(),
+        headers: req.headers(),
+        source: Some(from.addr.ip()),
+    };
+    route::route(routing, &view)
 }
 
 /// The rate limit, then the breaker and the concurrency limit: refused requests fail fast.
@@ -273,16 +294,18 @@ fn client_fault<B>(outcome: &Outcome<B>) -> bool {
 
 /// A single attempt for an upgrade (WebSocket): on 101 the two connections are spliced on
 /// the shutdown-tracked task set; never retried.
-async fn upgrade(
-    up: &Upstream,
+async fn upgrade<'a>(
+    up: &'a Upstream,
     mut req: Request<Incoming>,
     from: &From,
     mut admission: Admission,
-    ex: &mut Exchange<'_>,
+    routed: Routed<'a>,
+    ex: &mut Exchange<'a>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let mut attempts = Attempts::new(up, 1);
+    let mut attempts = Attempts::new(up, 1, routed);
+    ex.routed(&attempts);
     let endpoint = attempts.pick()?;
-    ex.attempt(&endpoint, 1);
+    ex.attempt(&endpoint, &attempts);
     let downstream = hyper::upgrade::on(&mut req);
     let (mut head, body) = req.into_parts();
     let protocol = head.headers.get(header::UPGRADE).cloned();

@@ -7,6 +7,7 @@
 mod attempt;
 mod body;
 mod error;
+pub(crate) mod explain;
 mod http;
 mod observe;
 mod ratelimit;
@@ -216,21 +217,23 @@ async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    while let Some((stream, _, slot)) = acceptor.next(&stop, front.limits.load().max_connections).await {
+    while let Some((stream, client, slot)) = acceptor.next(&stop, front.limits.load().max_connections).await {
         let _ = stream.set_nodelay(true);
         match protocol {
-            ListenerProtocol::Http => tracker.spawn(serve_http(stream, slot, front.clone(), stop.clone())),
+            ListenerProtocol::Http => {
+                tracker.spawn(serve_http(stream, client, slot, front.clone(), stop.clone()))
+            }
             ListenerProtocol::Tcp => {
                 let (up, front) = (front.route.load_full(), front.clone());
                 tracker.spawn(async move {
                     match front.tls.load_full() {
-                        None => tcp::handle(up, stream).await,
+                        None => tcp::handle(up, stream, client).await,
                         Some(tls) => {
                             let limits = front.limits.load_full();
                             if let Some((stream, _, _)) =
                                 server::tls_handshake(stream, &tls, &limits, &front.metrics).await
                             {
-                                tcp::handle(up, stream).await;
+                                tcp::handle(up, stream, client).await;
                             }
                         }
                     }
@@ -246,11 +249,17 @@ async fn accept_loop(
 
 /// Serves HTTP/1.1 and HTTP/2 prior knowledge (h2c, as gRPC clients speak) on one
 /// connection, under the listener's limits.
-async fn serve_http(stream: TcpStream, slot: Slot, front: Arc<Front>, stop: CancellationToken) {
+async fn serve_http(
+    stream: TcpStream,
+    client: SocketAddr,
+    slot: Slot,
+    front: Arc<Front>,
+    stop: CancellationToken,
+) {
     let limits = front.limits.load_full();
     let (metrics, tls) = (front.metrics.clone(), front.tls.load_full());
     server::serve(stream, true, tls.as_deref(), &limits, &metrics, &stop, |activity, peer| {
-        let from = Arc::new(http::From { tls: tls.is_some(), peer });
+        let from = Arc::new(http::From { addr: client, tls: tls.is_some(), peer });
         service_fn(move |req| {
             let guard = activity.begin();
             let up = front.route.load_full();

@@ -10,13 +10,15 @@ use hyper::body::Incoming;
 use opentelemetry::{Context, KeyValue};
 
 use super::Upstream;
+use super::attempt::Attempts;
 use super::error::ProxyError;
 use super::retry::Outcome;
 use crate::client::body::UpstreamBody;
+use crate::config::Selector;
 use crate::telemetry::metrics;
 use crate::telemetry::trace::{self, Tracing};
 use crate::tls::server::Peer;
-use crate::upstream::InFlight;
+use crate::upstream::{InFlight, Placement};
 
 /// What one request's attempts leave behind for metrics, spans and the access log.
 pub(super) struct Exchange<'a> {
@@ -26,6 +28,11 @@ pub(super) struct Exchange<'a> {
     endpoint_state: &'static str,
     pub(super) trace: Option<(&'a Tracing, Context)>,
     pub(super) method: usize,
+    /// The route that matched and the subset the last pick drew from (for the span).
+    route: Option<&'a str>,
+    subset: Option<&'a Selector>,
+    fell_back: bool,
+    placement: Placement,
 }
 
 impl<'a> Exchange<'a> {
@@ -36,16 +43,30 @@ impl<'a> Exchange<'a> {
             endpoint_state: "",
             trace,
             method: metrics::method_class(method),
+            route: None,
+            subset: None,
+            fell_back: false,
+            placement: Placement::Any,
         }
     }
 
     /// An attempt was started on `endpoint`.
-    pub(super) fn attempt(&mut self, endpoint: &InFlight, count: u32) {
-        self.attempts = count;
+    pub(super) fn attempt(&mut self, endpoint: &InFlight, attempts: &Attempts<'a>) {
+        self.attempts = attempts.count();
         self.endpoint = Some(endpoint.addr());
         if self.trace.is_some() {
             self.endpoint_state = endpoint.state().state_name();
         }
+        self.routed(attempts);
+        (self.fell_back, self.placement) = (attempts.fell_back, attempts.placement);
+    }
+
+    /// Routing's decision (or the fallback's, once it applied).
+    pub(super) fn routed(&mut self, attempts: &Attempts<'a>) {
+        let routed = attempts.routed();
+        self.route = routed.route.map(|r| r.name.as_str());
+        self.subset = attempts.subset_selector();
+        self.fell_back = attempts.fell_back;
     }
 }
 
@@ -78,6 +99,15 @@ pub(super) fn endpoint_attributes(ex: &Exchange<'_>) -> Vec<KeyValue> {
         attrs.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
         attrs.push(KeyValue::new("outrider.endpoint", addr.to_string()));
         attrs.push(KeyValue::new("outrider.endpoint_state", ex.endpoint_state));
+        attrs.push(KeyValue::new("outrider.locality", ex.placement.as_str()));
+    }
+    if let Some(route) = ex.route {
+        attrs.push(KeyValue::new("outrider.route", route.to_string()));
+        attrs.push(KeyValue::new("outrider.fallback", ex.fell_back));
+    }
+    if let Some(subset) = ex.subset.filter(|s| !s.is_empty()) {
+        let text: Vec<String> = subset.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        attrs.push(KeyValue::new("outrider.subset", text.join(",")));
     }
     attrs
 }

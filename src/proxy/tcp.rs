@@ -4,6 +4,7 @@
 //! shuts down the write side of the other, so request/response protocols still finish).
 //! Must not: read or alter the bytes.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,15 +18,20 @@ use super::Upstream;
 use super::attempt::{Attempts, Verdict};
 use super::retry::Retry;
 use crate::client::Stream;
-use crate::config::RetryOn;
+use crate::config::{HashKey, RetryOn};
+use crate::routing::{self as route, Routed};
 use crate::telemetry::{metrics, trace};
-use crate::upstream::InFlight;
 use crate::upstream::breaker::Refused;
+use crate::upstream::{InFlight, Target};
 use opentelemetry::KeyValue;
 
 /// Proxies one accepted connection to the chosen endpoint until both sides close. A refused
 /// connection (rate limit, open breaker, no endpoint, connect failure) is simply closed.
-pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(up: Arc<Upstream>, mut inbound: S) {
+pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    up: Arc<Upstream>,
+    mut inbound: S,
+    client: SocketAddr,
+) {
     let refuse = |reason: &str| tracing::warn!(service = %up.name, reason, "tcp connection refused");
     if up.limiter.as_ref().is_some_and(|l| l.check(None).is_err()) {
         metrics::inc(&up.metrics.rate_limited);
@@ -46,7 +52,7 @@ pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(up: Arc<Upstream>,
         };
         t.start(&http::HeaderMap::new(), "tcp", attrs)
     });
-    let Some((mut outbound, in_flight)) = connect(&up).await else {
+    let Some((mut outbound, in_flight)) = connect(&up, client).await else {
         admission.record(false);
         if let Some(cx) = span {
             trace::finish(&cx, None, Some("connect_failed"), Vec::new);
@@ -82,10 +88,14 @@ pub(crate) async fn handle<S: AsyncRead + AsyncWrite + Unpin>(up: Arc<Upstream>,
 
 /// Connects to an endpoint through the same attempt loop as HTTP: after a connect failure
 /// (nothing was sent, so always safe) another endpoint, with backoff, within the budget and
-/// the request timeout.
-async fn connect(up: &Upstream) -> Option<(Stream, InFlight)> {
+/// the request timeout. A `ring_hash` service keyed on `source` hashes the client's address
+/// (the only key a connection has).
+async fn connect(up: &Upstream, client: SocketAddr) -> Option<(Stream, InFlight)> {
     let policy = &up.config.resilience.retries;
-    let mut attempts = Attempts::new(up, policy.max_attempts);
+    let by_source = matches!(up.config.routing.hash_key, Some(HashKey::Source));
+    let hash = by_source.then(|| route::source_hash(client.ip()));
+    let routed = Routed { route: None, target: Target { subset: 0, hash } };
+    let mut attempts = Attempts::new(up, policy.max_attempts, routed);
     loop {
         let endpoint = match attempts.pick() {
             Ok(e) => e,

@@ -12,6 +12,7 @@
 pub mod breaker;
 pub mod budget;
 pub(crate) mod health;
+mod locality;
 pub(crate) mod outlier;
 mod pick;
 mod service;
@@ -30,10 +31,45 @@ use tokio::sync::mpsc;
 pub(crate) use service::{Service, ServiceHandle};
 
 use crate::client::Pool;
-use crate::config::{EndpointSpec, Outlier, Policy};
+use crate::config::{EndpointSpec, LocalityRule, Outlier, Policy, Selector, ServiceConfig};
 use crate::telemetry::metrics::Matrix;
+pub use locality::{LocalityView, ZoneView};
 use outlier::{Change, Ejection, Health};
 use pick::Picker;
+pub use pick::key_hash;
+
+/// What a service's balancer is built from: its config's picking and ejection settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    pub policy: Policy,
+    pub outlier: Outlier,
+    /// Weight overrides by endpoint address (0: drained), from the etcd overlay.
+    pub weights: BTreeMap<SocketAddr, u32>,
+    /// Subsets routes send to, by tags; subset 0 is the whole service.
+    pub subsets: Vec<Selector>,
+    pub locality: Option<LocalityRule>,
+}
+
+/// Which endpoints one request may go to: a subset (0: the whole service) and, for
+/// `ring_hash`, the hash of its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Target {
+    pub subset: usize,
+    pub hash: Option<u64>,
+}
+
+/// Where a pick landed, for spans and `/explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Any routable endpoint (no zone preference in force).
+    Any,
+    /// Zone preference kept the request in this Outrider's zone.
+    Local,
+    /// Zone preference sent the request to another zone.
+    Spill,
+    /// Panic mode: too few routable endpoints, so every endpoint was a candidate.
+    Panic,
+}
 
 /// Runtime state of one endpoint, shared by every snapshot that contains its address.
 /// `repr(C)`, hot fields first: what a pick reads and writes (in-flight count, health) shares
@@ -66,23 +102,45 @@ pub struct Endpoint {
 pub struct Snapshot {
     /// Every endpoint discovery reported.
     pub endpoints: Vec<Endpoint>,
-    /// The ones requests may go to now; the picker's state is built over these.
-    routable: Vec<Endpoint>,
-    picker: Picker,
+    /// Per subset (index 0: the whole service), what requests routed there may pick from.
+    groups: Box<[Group]>,
     /// The ejection rules reports are judged by.
     outlier: Arc<Outlier>,
-    /// Too few endpoints were routable, so all of them are used (panic mode).
-    pub panic: bool,
     /// Whether discovery has delivered a set yet (an empty set counts once delivered).
     pub synced: bool,
+}
+
+/// The candidates of one subset: all its routable endpoints, and with zone preference the
+/// same split into this zone's and the others'.
+#[derive(Debug)]
+struct Group {
+    all: Lane,
+    /// Too few of the subset's endpoints were routable, so all of them are used.
+    panic: bool,
+    zones: Option<Zones>,
+    locality: Option<LocalityView>,
+}
+
+#[derive(Debug)]
+struct Zones {
+    local: Lane,
+    remote: Lane,
+    /// Of `locality::SCALE`: requests kept local.
+    local_share: u32,
+}
+
+/// Endpoints with the picker built over them and its round-robin position.
+#[derive(Debug)]
+struct Lane {
+    endpoints: Vec<Endpoint>,
+    picker: Picker,
+    counter: AtomicUsize,
 }
 
 /// The endpoint set of one service as requests see it: swapped whole by its [`Owner`].
 #[derive(Debug)]
 pub struct Balancer {
     snapshot: ArcSwap<Snapshot>,
-    /// Round-robin position; kept across updates so a swap does not restart the cycle.
-    counter: AtomicUsize,
     /// Wakes the owner to rebuild. Capacity one: a full channel means a rebuild is already
     /// due, and the owner reads the endpoints' current state when it runs.
     wake: mpsc::Sender<()>,
@@ -93,10 +151,8 @@ pub struct Balancer {
 #[derive(Debug)]
 pub struct Owner {
     balancer: Arc<Balancer>,
-    policy: Policy,
+    settings: Settings,
     outlier: Arc<Outlier>,
-    /// Weight overrides from the live overlay (0: drained), applied over discovery's set.
-    weights: BTreeMap<SocketAddr, u32>,
     /// The set discovery last handed over, before overrides.
     specs: Vec<EndpointSpec>,
     woken: mpsc::Receiver<()>,
@@ -175,49 +231,71 @@ impl Drop for InFlight {
 
 impl Balancer {
     /// An empty, unsynced balancer and its owner.
-    pub fn new(policy: Policy, outlier: &Outlier) -> (Arc<Balancer>, Owner) {
-        let outlier = Arc::new(outlier.clone());
+    pub fn new(settings: &Settings) -> (Arc<Balancer>, Owner) {
+        let outlier = Arc::new(settings.outlier.clone());
         let (wake, woken) = mpsc::channel(1);
-        let balancer = Arc::new(Balancer {
-            snapshot: ArcSwap::from_pointee(build(policy, &outlier, Vec::new(), false)),
-            counter: AtomicUsize::new(0),
-            wake,
-            ejections: AtomicU64::new(0),
-        });
+        let empty = build(settings, &outlier, Vec::new(), false, None);
+        let balancer =
+            Arc::new(Balancer { snapshot: ArcSwap::from_pointee(empty), wake, ejections: AtomicU64::new(0) });
         let owner = Owner {
             balancer: balancer.clone(),
-            policy,
+            settings: settings.clone(),
             outlier,
-            weights: BTreeMap::new(),
             specs: Vec::new(),
             woken,
         };
         (balancer, owner)
     }
 
-    /// Chooses an endpoint and counts the request against it; `None` when none is routable.
+    /// Chooses an endpoint of the whole service and counts the request against it; `None`
+    /// when none is routable.
     pub fn pick(&self) -> Option<InFlight> {
-        self.pick_avoiding(&[])
+        self.pick_avoiding(Target::default(), &[]).map(|(e, _)| e)
     }
 
-    /// Like [`Balancer::pick`], preferring endpoints not in `avoid` (those a retry already
-    /// tried). Skips endpoints ejected since the snapshot was built, and claims the probe
-    /// slot of one returning from ejection.
-    pub fn pick_avoiding(&self, avoid: &[SocketAddr]) -> Option<InFlight> {
+    /// Chooses an endpoint of `target`'s subset, preferring endpoints not in `avoid` (those
+    /// a retry already tried). Skips endpoints ejected since the snapshot was built, and
+    /// claims the probe slot of one returning from ejection. `None`: the subset has no
+    /// routable endpoint (or no such subset).
+    pub fn pick_avoiding(&self, target: Target, avoid: &[SocketAddr]) -> Option<(InFlight, Placement)> {
         let snap = self.snapshot.load();
-        let candidates = &snap.routable;
+        let group = snap.groups.get(target.subset)?;
+        let (lane, placement) = group.lane(avoid);
+        let candidates = &lane.endpoints;
         let mut fallback = None;
-        for _ in 0..candidates.len().clamp(1, 4) {
-            let ep = &candidates[snap.picker.pick(candidates, &self.counter)?];
+        for k in 0..candidates.len().clamp(1, 4) {
+            // A retry on a ring moves to another point: the same key would land on the same one.
+            let hash = target
+                .hash
+                .map(|h| if k == 0 { h } else { h ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) });
+            let ep = &candidates[lane.picker.pick(candidates, &lane.counter, hash)?];
             if avoid.contains(&ep.addr) && candidates.len() > avoid.len() {
                 fallback.get_or_insert(ep);
                 continue;
             }
-            if snap.panic || ep.state.health.admit() {
-                return Some(ep.state.begin());
+            if group.panic || ep.state.health.admit() {
+                return Some((ep.state.begin(), placement));
             }
         }
-        fallback.map(|ep| ep.state.begin())
+        fallback.map(|ep| (ep.state.begin(), placement))
+    }
+
+    /// What a pick for `target` would consider and choose now, taking no turn and counting
+    /// nothing (`/explain`).
+    pub fn explain(&self, target: Target) -> Option<GroupView> {
+        let snap = self.snapshot.load();
+        let group = snap.groups.get(target.subset)?;
+        let routable: Vec<SocketAddr> = group.all.endpoints.iter().map(|e| e.addr).collect();
+        let (lane, placement) = group.lane(&[]);
+        let next =
+            lane.picker.peek(&lane.endpoints, &lane.counter, target.hash).map(|i| lane.endpoints[i].addr);
+        Some(GroupView {
+            routable,
+            panic: group.panic,
+            locality: group.locality.clone(),
+            placement: placement.as_str(),
+            next,
+        })
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -298,21 +376,21 @@ impl Owner {
                     .get(&s.addr)
                     .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st));
                 state.pool.set_server_name(s.tags.get("server_name"));
-                let weight = self.weights.get(&s.addr).copied().unwrap_or(s.weight.get());
+                let weight = self.settings.weights.get(&s.addr).copied().unwrap_or(s.weight.get());
                 Endpoint { addr: s.addr, weight, tags: Arc::new(s.tags.clone()), state }
             })
             .collect();
         self.store(endpoints, synced);
     }
 
-    /// Changes the policy, ejection rules and weight overrides, keeping the endpoints and
-    /// their state.
-    pub fn configure(&mut self, policy: Policy, outlier: &Outlier, weights: &BTreeMap<SocketAddr, u32>) {
-        if self.policy == policy && *self.outlier == *outlier && self.weights == *weights {
+    /// Changes the policy, ejection rules, weight overrides, subsets and zone preference,
+    /// keeping the endpoints and their state.
+    pub fn configure(&mut self, settings: &Settings) {
+        if self.settings == *settings {
             return;
         }
-        (self.policy, self.outlier) = (policy, Arc::new(outlier.clone()));
-        self.weights.clone_from(weights);
+        self.settings = settings.clone();
+        self.outlier = Arc::new(settings.outlier.clone());
         let synced = self.balancer.snapshot.load().synced;
         self.rebuild(synced);
     }
@@ -335,11 +413,11 @@ impl Owner {
     }
 
     fn store(&self, endpoints: Vec<Endpoint>, synced: bool) {
-        let snap = build(self.policy, &self.outlier, endpoints, synced);
         let old = self.balancer.snapshot.load();
-        if snap.panic && !old.panic {
+        let snap = build(&self.settings, &self.outlier, endpoints, synced, Some(&old));
+        if snap.groups[0].panic && !old.groups[0].panic {
             tracing::warn!(
-                routable = snap.routable.len(),
+                routable = snap.groups[0].all.endpoints.len(),
                 total = snap.endpoints.len(),
                 "panic mode: too few healthy endpoints, routing over all of them"
             );
@@ -348,16 +426,136 @@ impl Owner {
     }
 }
 
-/// Builds a snapshot: the routable subset, or in panic mode every endpoint not drained
-/// (weight 0 from an overlay: never picked, and not counted for panic).
-fn build(policy: Policy, outlier: &Arc<Outlier>, endpoints: Vec<Endpoint>, synced: bool) -> Snapshot {
-    let live: Vec<Endpoint> = endpoints.iter().filter(|e| e.weight > 0).cloned().collect();
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// The whole service is in panic mode.
+    pub fn panic(&self) -> bool {
+        self.groups[0].panic
+    }
+}
+
+// === impl Group ===
+
+impl Group {
+    /// The lane a pick draws from: with zone preference, this zone's or the others' by the
+    /// local share; a retry whose lane holds nothing untried draws from the whole subset.
+    fn lane(&self, avoid: &[SocketAddr]) -> (&Lane, Placement) {
+        let Some(z) = &self.zones else {
+            return (&self.all, if self.panic { Placement::Panic } else { Placement::Any });
+        };
+        let local = z.local_share >= locality::SCALE
+            || (z.local_share > 0 && fastrand::u32(..locality::SCALE) < z.local_share);
+        let (lane, placement) =
+            if local { (&z.local, Placement::Local) } else { (&z.remote, Placement::Spill) };
+        if lane.endpoints.is_empty()
+            || (!avoid.is_empty() && lane.endpoints.iter().all(|e| avoid.contains(&e.addr)))
+        {
+            return (&self.all, Placement::Any);
+        }
+        (lane, placement)
+    }
+}
+
+impl Lane {
+    fn new(policy: Policy, endpoints: Vec<Endpoint>, position: usize) -> Lane {
+        let picker = Picker::build(policy, &endpoints);
+        Lane { endpoints, picker, counter: AtomicUsize::new(position) }
+    }
+}
+
+/// Builds a snapshot: per subset, the routable endpoints, or in panic mode every endpoint
+/// not drained (weight 0 from an overlay: never picked, and not counted for panic). The
+/// whole service panics when no endpoint is routable; a subset with none is empty instead,
+/// so its route's fallback applies. Round-robin positions carry over from `old`.
+fn build(
+    settings: &Settings,
+    outlier: &Arc<Outlier>,
+    endpoints: Vec<Endpoint>,
+    synced: bool,
+    old: Option<&Snapshot>,
+) -> Snapshot {
+    let whole = Selector::new();
+    let subsets = if settings.subsets.is_empty() { std::slice::from_ref(&whole) } else { &settings.subsets };
+    let groups = subsets
+        .iter()
+        .enumerate()
+        .map(|(i, selector)| {
+            let position =
+                old.and_then(|o| o.groups.get(i)).map_or(0, |g| g.all.counter.load(Ordering::Relaxed));
+            let members = endpoints.iter().filter(|e| selector.iter().all(|(k, v)| e.tags.get(k) == Some(v)));
+            group(settings, outlier, members, i == 0, position)
+        })
+        .collect();
+    Snapshot { endpoints, groups, outlier: outlier.clone(), synced }
+}
+
+fn group<'a>(
+    settings: &Settings,
+    outlier: &Outlier,
+    members: impl Iterator<Item = &'a Endpoint>,
+    whole: bool,
+    position: usize,
+) -> Group {
+    let live: Vec<Endpoint> = members.filter(|e| e.weight > 0).cloned().collect();
     let ok: Vec<Endpoint> = live.iter().filter(|e| e.state.routable()).cloned().collect();
     let threshold = outlier.panic_threshold_percent as usize;
-    let panic = !live.is_empty() && ok.len() * 100 < threshold * live.len();
+    let below = !live.is_empty() && ok.len() * 100 < threshold * live.len();
+    let panic = below && (whole || !ok.is_empty());
+    let (zones, locality) = match &settings.locality {
+        Some(rule) => {
+            let (split, view) = locality::split(rule, &live, &ok, panic);
+            let zones = split.map(|s| Zones {
+                local: Lane::new(settings.policy, s.local, 0),
+                remote: Lane::new(settings.policy, s.remote, 0),
+                local_share: s.local_share,
+            });
+            (zones, Some(view))
+        }
+        None => (None, None),
+    };
     let routable = if panic { live } else { ok };
-    let picker = Picker::build(policy, &routable);
-    Snapshot { endpoints, routable, picker, outlier: outlier.clone(), panic, synced }
+    Group { all: Lane::new(settings.policy, routable, position), panic, zones, locality }
+}
+
+/// What `/explain` shows of one subset's candidates.
+#[derive(Debug, Serialize)]
+pub struct GroupView {
+    /// The endpoints a pick may choose now (all of the subset's in panic mode).
+    pub routable: Vec<SocketAddr>,
+    pub panic: bool,
+    pub locality: Option<LocalityView>,
+    /// Where this draw landed: any, local, spill or panic.
+    pub placement: &'static str,
+    /// The endpoint the next pick would choose (least-request and the zone draw are random).
+    pub next: Option<SocketAddr>,
+}
+
+// === impl Placement ===
+
+impl Placement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Any => "any",
+            Placement::Local => "local",
+            Placement::Spill => "spill",
+            Placement::Panic => "panic",
+        }
+    }
+}
+
+// === impl Settings ===
+
+impl Settings {
+    pub fn of(service: &ServiceConfig) -> Settings {
+        Settings {
+            policy: service.load_balancing,
+            outlier: service.resilience.outlier.clone(),
+            weights: service.weights.clone(),
+            subsets: service.routing.subsets.clone(),
+            locality: service.routing.locality.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -401,8 +599,12 @@ pub(crate) mod tests {
         }
     }
 
+    pub(crate) fn settings(policy: Policy, outlier: &Outlier) -> Settings {
+        Settings { policy, outlier: outlier.clone(), ..Settings::default() }
+    }
+
     pub(crate) fn balancer(policy: Policy, outlier: &Outlier, weights: &[u32]) -> (Arc<Balancer>, Owner) {
-        let (b, mut owner) = Balancer::new(policy, outlier);
+        let (b, mut owner) = Balancer::new(&settings(policy, outlier));
         owner.update(&specs(weights));
         (b, owner)
     }
@@ -428,7 +630,7 @@ pub(crate) mod tests {
 
     #[test]
     fn empty_and_unsynced_until_first_update() {
-        let (b, mut owner) = Balancer::new(Policy::WeightedRoundRobin, &outlier());
+        let (b, mut owner) = Balancer::new(&settings(Policy::WeightedRoundRobin, &outlier()));
         assert!(!b.snapshot().synced);
         assert!(b.pick().is_none());
         owner.update(&[]);
@@ -448,7 +650,7 @@ pub(crate) mod tests {
         assert!((0..30).all(|_| b.pick().unwrap().addr() != first.addr), "skipped before the rebuild");
         owner.refresh();
         let snap = b.snapshot();
-        assert_eq!((snap.routable.len(), snap.panic), (3, false));
+        assert_eq!((snap.groups[0].all.endpoints.len(), snap.panic()), (3, false));
         for e in &snap.endpoints[1..3] {
             for _ in 0..5 {
                 b.report(&e.state, true);
@@ -457,7 +659,7 @@ pub(crate) mod tests {
         owner.refresh();
         // 1 of 4 routable is below the 50% panic threshold: all four are used again.
         let snap = b.snapshot();
-        assert_eq!((snap.routable.len(), snap.panic), (4, true));
+        assert_eq!((snap.groups[0].all.endpoints.len(), snap.panic()), (4, true));
     }
 
     #[tokio::test(start_paused = true)]

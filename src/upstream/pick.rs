@@ -1,7 +1,8 @@
 //! Pickers: choose one endpoint of a snapshot, synchronously and without locks.
 //!
 //! Owns: the per-policy state precomputed when a snapshot is built (the smooth weighted
-//! round-robin schedule), and the pick itself. Must not: await, lock, or allocate per pick.
+//! round-robin schedule, the hash ring), and the pick itself. Must not: await, lock, or
+//! allocate per pick.
 //! A new policy is a new variant here plus a `build` arm; callers do not change.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +34,20 @@ pub(crate) enum Picker {
         step: u64,
     },
     LeastRequest,
+    /// Points on a 64-bit hash ring, sorted, each owned by an endpoint index; `index[b]` is
+    /// the first point in the `b`-th of `2^bits` equal arcs, so a lookup searches one arc.
+    Ring {
+        points: Box<[u64]>,
+        owners: Box<[u32]>,
+        index: Box<[u32]>,
+        bits: u32,
+    },
 }
+
+/// Ring points per unit of weight: 160 keeps each endpoint's share within a few percent of
+/// its weight. A ring is capped at `RING_MAX` points (weights are scaled down to fit).
+const RING_POINTS_PER_WEIGHT: u64 = 160;
+const RING_MAX: u64 = 1 << 20;
 
 // === impl Picker ===
 
@@ -42,16 +56,41 @@ impl Picker {
         match policy {
             Policy::LeastRequest => Picker::LeastRequest,
             Policy::WeightedRoundRobin => weighted(endpoints),
+            Policy::RingHash => ring(endpoints),
         }
     }
 
-    /// Index of the chosen endpoint; `None` only when `endpoints` is empty.
-    pub(crate) fn pick(&self, endpoints: &[Endpoint], counter: &AtomicUsize) -> Option<usize> {
+    /// Index of the chosen endpoint; `None` only when `endpoints` is empty. `hash` is the
+    /// request's key for a ring (a random point without one).
+    pub(crate) fn pick(
+        &self,
+        endpoints: &[Endpoint],
+        counter: &AtomicUsize,
+        hash: Option<u64>,
+    ) -> Option<usize> {
+        self.pick_with(endpoints, || counter.fetch_add(1, Ordering::Relaxed), hash)
+    }
+
+    /// What the next pick would be, without taking a turn (for `/explain`).
+    pub(crate) fn peek(
+        &self,
+        endpoints: &[Endpoint],
+        counter: &AtomicUsize,
+        hash: Option<u64>,
+    ) -> Option<usize> {
+        self.pick_with(endpoints, || counter.load(Ordering::Relaxed), hash)
+    }
+
+    fn pick_with(
+        &self,
+        endpoints: &[Endpoint],
+        tick: impl FnOnce() -> usize,
+        hash: Option<u64>,
+    ) -> Option<usize> {
         let n = endpoints.len();
         if n == 0 {
             return None;
         }
-        let tick = || counter.fetch_add(1, Ordering::Relaxed);
         Some(match self {
             Picker::RoundRobin => tick() % n,
             Picker::Schedule(s) => s[tick() % s.len()] as usize,
@@ -61,8 +100,62 @@ impl Picker {
                 cumulative.partition_point(|&c| c <= point)
             }
             Picker::LeastRequest => least_request(endpoints),
+            Picker::Ring { points, owners, index, bits } => {
+                let h = hash.unwrap_or_else(|| fastrand::u64(..));
+                let arc = (h >> (64 - bits)) as usize;
+                let (lo, hi) = (index[arc] as usize, index[arc + 1] as usize);
+                let i = lo + points[lo..hi].partition_point(|&p| p < h);
+                owners[if i == points.len() { 0 } else { i }] as usize
+            }
         })
     }
+}
+
+/// A consistent-hash ring (Karger et al., as in ketama and Envoy's `RING_HASH`): each
+/// endpoint owns points in proportion to its weight, placed by hashing its address with the
+/// point's number; a key belongs to the first point at or after its hash. Removing one of N
+/// endpoints moves only the keys it owned (about 1/N); every Outrider builds the same ring.
+/// A retry (or a key whose endpoint is not admitted) moves to another point.
+fn ring(endpoints: &[Endpoint]) -> Picker {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum::<u64>() * RING_POINTS_PER_WEIGHT;
+    // An endpoint's points depend on its own weight only (unless the ring must shrink), so a
+    // change to one endpoint moves no other endpoint's points.
+    let scale = |w: u32| match total <= RING_MAX {
+        true => u64::from(w) * RING_POINTS_PER_WEIGHT,
+        false => (u64::from(w) * RING_POINTS_PER_WEIGHT * RING_MAX / total).max(1),
+    };
+    let mut ring: Vec<(u64, u32)> = Vec::with_capacity(total.min(RING_MAX) as usize + endpoints.len());
+    for (i, e) in endpoints.iter().enumerate() {
+        let share = scale(e.weight);
+        let id = endpoint_id(&e.addr);
+        ring.extend((0..share).map(|k| (xxhash_rust::xxh3::xxh3_64_with_seed(&id, k), i as u32)));
+    }
+    ring.sort_unstable();
+    let (points, owners): (Vec<u64>, Vec<u32>) = ring.into_iter().unzip();
+    // About four points per arc: a lookup reads the index, then a few adjacent points.
+    let bits = (points.len() / 4).max(1).ilog2().clamp(1, 20);
+    let index = (0..=1u64 << bits)
+        .map(|b| match b.checked_shl(64 - bits) {
+            Some(start) if b < 1 << bits => points.partition_point(|&p| p < start) as u32,
+            _ => points.len() as u32,
+        })
+        .collect();
+    Picker::Ring { points: points.into(), owners: owners.into(), index, bits }
+}
+
+/// An address as bytes (IP octets, then the port), the same on every host.
+fn endpoint_id(addr: &std::net::SocketAddr) -> Vec<u8> {
+    let mut id = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    id.extend_from_slice(&addr.port().to_be_bytes());
+    id
+}
+
+/// The ring position of a request's key.
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
 }
 
 fn weighted(endpoints: &[Endpoint]) -> Picker {
@@ -194,7 +287,7 @@ mod tests {
 
     fn sequence(picker: &Picker, eps: &[Endpoint], n: usize) -> Vec<usize> {
         let counter = AtomicUsize::new(0);
-        (0..n).map(|_| picker.pick(eps, &counter).unwrap()).collect()
+        (0..n).map(|_| picker.pick(eps, &counter, None).unwrap()).collect()
     }
 
     #[test]
@@ -263,7 +356,7 @@ mod tests {
         let picker = Picker::build(Policy::LeastRequest, &eps);
         let counter = AtomicUsize::new(0);
         for _ in 0..100 {
-            assert_eq!(picker.pick(&eps, &counter), Some(2));
+            assert_eq!(picker.pick(&eps, &counter, None), Some(2));
         }
     }
 
@@ -274,6 +367,23 @@ mod tests {
         let eps = endpoints(&[4, 1]);
         let _held: Vec<_> = (0..4).map(|_| eps[0].state.begin()).collect();
         assert!(lighter(&eps[1], &eps[0]));
+    }
+
+    #[test]
+    fn ring_shares_follow_weights_and_removal_moves_only_the_removed_endpoints_keys() {
+        let eps = endpoints(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 2]);
+        let picker = Picker::build(Policy::RingHash, &eps);
+        let counter = AtomicUsize::new(0);
+        let keys: Vec<u64> = (0..20_000u32).map(|k| key_hash(&k.to_be_bytes())).collect();
+        let owner = |p: &Picker, eps: &[Endpoint], h| eps[p.pick(eps, &counter, Some(h)).unwrap()].addr;
+        let before: Vec<_> = keys.iter().map(|&h| owner(&picker, &eps, h)).collect();
+        let heavy = before.iter().filter(|a| **a == eps[9].addr).count() as f64 / keys.len() as f64;
+        assert!((heavy - 2.0 / 11.0).abs() < 0.03, "weight 2 of 11 got {heavy}");
+        let fewer: Vec<Endpoint> = eps[1..].to_vec();
+        let smaller = Picker::build(Policy::RingHash, &fewer);
+        let moved = keys.iter().zip(&before).filter(|(h, was)| owner(&smaller, &fewer, **h) != **was).count();
+        let owned = before.iter().filter(|a| **a == eps[0].addr).count();
+        assert_eq!(moved, owned, "only the removed endpoint's keys move");
     }
 
     #[test]

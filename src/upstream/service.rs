@@ -10,11 +10,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Balancer, Owner};
-use crate::config::{EndpointSpec, Outlier, Policy};
-
-/// Weight overrides by endpoint address (0: drained).
-type Weights = std::collections::BTreeMap<std::net::SocketAddr, u32>;
+use super::{Balancer, Owner, Settings};
+use crate::config::EndpointSpec;
 
 /// A running owner task; dropping it stops the task.
 #[derive(Debug)]
@@ -33,14 +30,14 @@ pub(crate) struct ServiceHandle {
 #[derive(Debug)]
 enum Command {
     Update(Vec<EndpointSpec>, Option<oneshot::Sender<()>>),
-    Configure(Policy, Outlier, Weights, oneshot::Sender<()>),
+    Configure(Box<Settings>, oneshot::Sender<()>),
 }
 
 // === impl Service ===
 
 impl Service {
-    pub(crate) fn spawn(name: &str, policy: Policy, outlier: &Outlier) -> Service {
-        let (balancer, owner) = Balancer::new(policy, outlier);
+    pub(crate) fn spawn(name: &str, settings: &Settings) -> Service {
+        let (balancer, owner) = Balancer::new(settings);
         let (commands, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let span = tracing::info_span!("service", service = %name);
@@ -73,11 +70,10 @@ impl ServiceHandle {
         }
     }
 
-    /// Changes the policy, ejection rules and weight overrides; returns once requests see
-    /// them.
-    pub(crate) async fn configure(&self, policy: Policy, outlier: &Outlier, weights: &Weights) {
+    /// Changes the picking and ejection settings; returns once requests see them.
+    pub(crate) async fn configure(&self, settings: Settings) {
         let (done, applied) = oneshot::channel();
-        if self.commands.send(Command::Configure(policy, outlier.clone(), weights.clone(), done)).is_ok() {
+        if self.commands.send(Command::Configure(Box::new(settings), done)).is_ok() {
             let _ = applied.await;
         }
     }
@@ -94,8 +90,8 @@ async fn run(mut owner: Owner, mut commands: mpsc::UnboundedReceiver<Command>, s
                     owner.update(&specs);
                     done.map(|d| d.send(()));
                 }
-                Some(Command::Configure(policy, outlier, weights, done)) => {
-                    owner.configure(policy, &outlier, &weights);
+                Some(Command::Configure(settings, done)) => {
+                    owner.configure(&settings);
                     let _ = done.send(());
                 }
             },
@@ -123,7 +119,10 @@ mod tests {
     async fn ejections_are_applied_and_end_on_time_with_one_timer() {
         let mut cfg = outlier();
         (cfg.max_ejection_percent, cfg.base_ejection) = (100, Duration::from_secs(30));
-        let service = Service::spawn("svc", Policy::WeightedRoundRobin, &cfg);
+        let service = Service::spawn(
+            "svc",
+            &crate::upstream::tests::settings(crate::config::Policy::WeightedRoundRobin, &cfg),
+        );
         let handle = service.handle().clone();
         handle.update_now(specs(&[1, 1, 1])).await;
         let b = handle.balancer().clone();

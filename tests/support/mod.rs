@@ -129,6 +129,21 @@ impl Backend {
     }
 }
 
+/// Answers every request with its name and the status held in the returned cell.
+pub async fn status_backend(
+    initial: u16,
+    name: &'static str,
+) -> (Backend, Arc<std::sync::atomic::AtomicU16>) {
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(initial));
+    let s = status.clone();
+    let backend = Backend::start(move |_req| {
+        let code = s.load(Ordering::SeqCst);
+        async move { text(code, name) }
+    })
+    .await;
+    (backend, status)
+}
+
 pub fn text(status: u16, body: &'static str) -> Response<TestBody> {
     let mut resp = Response::new(full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
