@@ -125,7 +125,7 @@ async fn session(
             tokio::time::timeout(timeout, create).await.map_err(|_| EtcdError::Timeout(timeout))??;
         status.set_state("watching");
         loop {
-            let Some(resp) = stream.message().await? else {
+            let Some(resp) = next_message(&mut stream, timeout).await? else {
                 return Err(EtcdError::Ended("stream closed by etcd".into()));
             };
             if resp.canceled() {
@@ -159,6 +159,25 @@ async fn session(
                 status.updated(revision);
             }
         }
+    }
+}
+
+/// The next watch response. A stream quiet for `10 × request_timeout` (at least 10 s) is
+/// asked for a progress report, which etcd answers at once on a live stream: no answer
+/// within the request timeout ends the session, so a watch that silently stopped (seen once
+/// after an etcd restart) is replaced instead of waiting forever.
+async fn next_message(
+    stream: &mut etcd_client::WatchStream,
+    timeout: std::time::Duration,
+) -> Result<Option<etcd_client::WatchResponse>, EtcdError> {
+    let quiet = (timeout * 10).max(std::time::Duration::from_secs(10));
+    if let Ok(message) = tokio::time::timeout(quiet, stream.message()).await {
+        return Ok(message?);
+    }
+    stream.request_progress().await?;
+    match tokio::time::timeout(timeout, stream.message()).await {
+        Ok(message) => Ok(message?),
+        Err(_) => Err(EtcdError::Timeout(timeout)),
     }
 }
 
