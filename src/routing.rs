@@ -215,4 +215,26 @@ mod tests {
         }
         assert!((60..=140).contains(&on_canary), "about 5% of 2000: {on_canary}");
     }
+
+    #[test]
+    fn hash_keys_read_their_part_of_the_request() {
+        let mut h = HeaderMap::new();
+        h.insert("x-user", "u1".parse().unwrap());
+        h.insert(header::COOKIE, "a=1; session=s9".parse().unwrap());
+        let r = Request {
+            method: &Method::GET,
+            path: "/cart/7",
+            headers: &h,
+            source: Some([10, 0, 0, 7].into()),
+        };
+        let of = |k: HashKey| hash_of(&k, &r);
+        assert_eq!(of(HashKey::Header(http::HeaderName::from_static("x-user"))), Some(key_hash(b"u1")));
+        assert_eq!(of(HashKey::Cookie("session".into())), Some(key_hash(b"s9")));
+        assert_eq!(of(HashKey::Path), Some(key_hash(b"/cart/7")));
+        assert_eq!(of(HashKey::Source), Some(key_hash(&[10, 0, 0, 7])));
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(source_hash(mapped), key_hash(&[10, 0, 0, 7]), "IPv4-mapped hashes as IPv4");
+        assert_eq!(of(HashKey::Cookie("missing".into())), None, "absent key: no hash (a random pick)");
+        assert_eq!(of(HashKey::Header(http::HeaderName::from_static("x-none"))), None);
+    }
 }

@@ -225,6 +225,18 @@ mod tests {
     }
 
     #[test]
+    fn the_zone_tag_is_configurable() {
+        let mut eps = zoned(&["a", "a", "a", "b", "b", "b"]);
+        for e in &mut eps {
+            let z = e.tags["zone"].clone();
+            e.tags = std::sync::Arc::new([("topology.kubernetes.io/zone".to_string(), z)].into());
+        }
+        let rule = LocalityRule { tag: "topology.kubernetes.io/zone".into(), ..rule() };
+        let (split, _) = split(&rule, &eps, &eps, false);
+        assert_eq!(split.unwrap().local.len(), 3);
+    }
+
+    #[test]
     fn no_local_endpoint_spills_everything() {
         let eps = zoned(&["a", "a", "b", "b", "c", "c"]);
         let (split, _) = split(&rule(), &eps, &eps[2..], false);
