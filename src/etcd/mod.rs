@@ -4,7 +4,7 @@
 //! that fails retries on the same channel and never disturbs the others.
 //!
 //! Owns: connecting (options, TLS, credentials), the reconnect backoff and the cheap TCP
-//! probe that ends it early when etcd comes back, and the list-then-watch loop of a prefix
+//! probe that ends it early when etcd comes back, and the watch-then-list loop of a prefix
 //! (`watch.rs`). Must not: know what the values mean — its users decode them.
 
 pub(crate) mod watch;

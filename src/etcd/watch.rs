@@ -1,8 +1,9 @@
-//! Following a key prefix for as long as its user lives: list, then watch.
+//! Following a key prefix for as long as its user lives: watch, then list.
 //!
-//! Algorithm: get the prefix at revision R, publish the whole map of values, watch from R+1
-//! and publish the map again after each batch of events. A compacted watch is re-listed and
-//! resumed; any other error retries with jittered exponential backoff on the shared
+//! Algorithm: create a watch from etcd's current revision and wait for its confirmation,
+//! get the prefix at revision R, publish the whole map of values, then apply the watch's
+//! events after R and publish the map again after each batch. A watch that fell behind a
+//! compaction is created and listed again; any other error retries with jittered exponential backoff on the shared
 //! connection, while the user keeps what it last published — never an empty set because
 //! etcd is away. Watches require a leader and the channel sends HTTP/2 keepalives, so a
 //! partitioned member surfaces as an error instead of a silent hang.
@@ -102,7 +103,13 @@ pub(crate) async fn follow(
     }
 }
 
-/// List, then watch until an error. Never returns `Ok`.
+/// Watch, then list, then follow the watch until an error. Never returns `Ok`.
+///
+/// The watch is created first (from etcd's current revision) and the list read after it is
+/// confirmed, so nothing that changes between the two is lost and no compaction can fall in
+/// a gap: listing first and watching from the list's revision + 1 lost a delete whose
+/// tombstone a compaction at that very revision removed (the watch then stayed silent).
+/// Events already in the list (revision at or below the list's) are skipped.
 async fn session(
     etcd: &Etcd,
     prefix: &str,
@@ -113,16 +120,13 @@ async fn session(
     let mut client = etcd.client().await?;
     let timeout = etcd.config().request_timeout;
     let mut values = Values::new();
-    let mut revision = list(&mut client, prefix, timeout, &mut values).await?;
-    publish(&values, revision);
-    status.updated(revision);
-    *attempt = 0;
     loop {
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        // Creating a watch waits for a ready channel: bound it like any request.
-        let create = client.watch(prefix, Some(options));
-        let mut stream =
-            tokio::time::timeout(timeout, create).await.map_err(|_| EtcdError::Timeout(timeout))??;
+        let mut stream = watch_from_now(&mut client, prefix, timeout).await?;
+        let listed = list(&mut client, prefix, timeout, &mut values).await?;
+        let mut revision = listed;
+        publish(&values, revision);
+        status.updated(revision);
+        *attempt = 0;
         status.set_state("watching");
         loop {
             let Some(resp) = next_message(&mut stream, timeout).await? else {
@@ -130,17 +134,18 @@ async fn session(
             };
             if resp.canceled() {
                 if resp.compact_revision() > 0 {
-                    tracing::info!(%prefix, compacted = resp.compact_revision(), "watch fell behind a compaction; re-listing");
-                    revision = list(&mut client, prefix, timeout, &mut values).await?;
-                    publish(&values, revision);
-                    status.updated(revision);
+                    tracing::info!(%prefix, compacted = resp.compact_revision(), "watch fell behind a compaction; watching and listing again");
                     break;
                 }
                 return Err(EtcdError::Ended(resp.cancel_reason().to_string()));
             }
-            let events = resp.events();
-            for event in events {
+            let mut changed = false;
+            for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
+                if kv.mod_revision() <= listed {
+                    continue;
+                }
+                changed = true;
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 match event.event_type() {
                     EventType::Put => {
@@ -154,12 +159,28 @@ async fn session(
             if let Some(h) = resp.header() {
                 revision = revision.max(h.revision());
             }
-            if !events.is_empty() {
+            if changed {
                 publish(&values, revision);
                 status.updated(revision);
             }
         }
     }
+}
+
+/// A watch of `prefix` from etcd's current revision, once etcd has confirmed it.
+async fn watch_from_now(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    timeout: std::time::Duration,
+) -> Result<etcd_client::WatchStream, EtcdError> {
+    let confirmed = async {
+        let mut stream = client.watch(prefix, Some(WatchOptions::new().with_prefix())).await?;
+        match stream.message().await? {
+            Some(resp) if resp.created() => Ok(stream),
+            _ => Err(EtcdError::Ended("etcd did not confirm the watch".into())),
+        }
+    };
+    tokio::time::timeout(timeout, confirmed).await.map_err(|_| EtcdError::Timeout(timeout))?
 }
 
 /// The next watch response. A stream quiet for `10 × request_timeout` (at least 10 s) is
