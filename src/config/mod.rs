@@ -284,6 +284,8 @@ pub enum Policy {
     #[default]
     WeightedRoundRobin,
     LeastRequest,
+    /// Lowest peak-EWMA latency × (in-flight + 1) per unit of weight (Linkerd's).
+    PeakEwma,
     /// A consistent-hash ring over the endpoints, keyed by the service's `hash_key`.
     RingHash,
 }

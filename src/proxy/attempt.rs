@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::Upstream;
 use super::error::ProxyError;
 use super::retry::Retry;
-use crate::config::{Fallback, RetryScope};
+use crate::config::{Fallback, Policy, RetryScope};
 use crate::routing::Routed;
 use crate::telemetry::metrics;
 use crate::upstream::budget::backoff;
@@ -130,8 +130,12 @@ impl<'a> Attempts<'a> {
         self.up.config.resilience.retries.per_try_timeout.min(left)
     }
 
-    /// Feeds an attempt's result to the endpoint's passive health.
-    pub(crate) fn report(&self, endpoint: &InFlight, failed: bool) {
+    /// Feeds an attempt's result (and, under `peak_ewma`, how long it took) to the endpoint's
+    /// passive health and latency estimate.
+    pub(crate) fn report(&self, endpoint: &InFlight, failed: bool, took: Duration) {
+        if self.up.config.load_balancing == Policy::PeakEwma {
+            endpoint.state().latency.record(took, failed);
+        }
         self.up.balancer.report(endpoint.state(), failed);
     }
 

@@ -222,10 +222,11 @@ async fn exchange(
     let span = trace_attempt(ex, &mut req);
     let sent = Instant::now();
     let (outcome, lease) = send(up, attempts, endpoint, req, head, body).await;
-    record_attempt(up, ex, endpoint, &outcome, sent.elapsed(), span);
+    let took = sent.elapsed();
+    record_attempt(up, ex, endpoint, &outcome, took, span);
     let failed = outcome.is_failure(&up.config.resilience.outlier);
     if !client_fault(&outcome) {
-        attempts.report(endpoint, failed);
+        attempts.report(endpoint, failed, took);
     }
     (outcome, lease, failed)
 }

@@ -104,14 +104,15 @@ async fn connect(up: &Upstream, client: SocketAddr) -> Option<(Stream, InFlight)
                 return None;
             }
         };
+        let started = Instant::now();
         let error = match up.client.connect(endpoint.addr(), &endpoint.state().pool).await {
             Ok(stream) => {
-                attempts.report(&endpoint, false);
+                attempts.report(&endpoint, false, started.elapsed());
                 return Some((stream, endpoint));
             }
             Err(e) => e,
         };
-        attempts.report(&endpoint, true);
+        attempts.report(&endpoint, true, started.elapsed());
         metrics::inc(&up.metrics.connect_errors);
         let tls_error = match &error {
             crate::client::ConnectError::Tls(_, failure, _) => Some(*failure),

@@ -11,6 +11,7 @@
 
 pub mod breaker;
 pub mod budget;
+mod ewma;
 pub(crate) mod health;
 mod locality;
 pub(crate) mod outlier;
@@ -79,6 +80,8 @@ pub enum Placement {
 pub struct EndpointState {
     in_flight: AtomicUsize,
     pub(crate) health: Health,
+    /// Peak-EWMA latency estimate (fed only under `load_balancing: peak_ewma`).
+    pub(crate) latency: ewma::Ewma,
     pub addr: SocketAddr,
     /// `addr` as a URI authority, built once so requests do not format it.
     pub(crate) authority: Authority,
@@ -175,6 +178,7 @@ impl EndpointState {
             authority,
             in_flight: AtomicUsize::new(0),
             health: Health::default(),
+            latency: ewma::Ewma::default(),
             requests: Matrix::default(),
             pool: Pool::default(),
         }

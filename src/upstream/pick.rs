@@ -34,6 +34,8 @@ pub(crate) enum Picker {
         step: u64,
     },
     LeastRequest,
+    /// Lowest peak-EWMA latency × (in-flight + 1) per unit of weight.
+    PeakEwma,
     /// Points on a 64-bit hash ring, sorted, each owned by an endpoint index; `index[b]` is
     /// the first point in the `b`-th of `2^bits` equal arcs, so a lookup searches one arc.
     Ring {
@@ -55,6 +57,7 @@ impl Picker {
     pub(crate) fn build(policy: Policy, endpoints: &[Endpoint]) -> Picker {
         match policy {
             Policy::LeastRequest => Picker::LeastRequest,
+            Policy::PeakEwma => Picker::PeakEwma,
             Policy::WeightedRoundRobin => weighted(endpoints),
             Policy::RingHash => ring(endpoints),
         }
@@ -99,7 +102,8 @@ impl Picker {
                 let point = (tick() as u64 % total) * step % total;
                 cumulative.partition_point(|&c| c <= point)
             }
-            Picker::LeastRequest => least_request(endpoints),
+            Picker::LeastRequest => two_choices(endpoints, lighter),
+            Picker::PeakEwma => two_choices(endpoints, faster),
             Picker::Ring { points, owners, index, bits } => {
                 let h = hash.unwrap_or_else(|| fastrand::u64(..));
                 let arc = (h >> (64 - bits)) as usize;
@@ -255,20 +259,26 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// Least in-flight per unit of weight: all endpoints when there are few (from a random
-/// start, so ties spread), otherwise the better of two random choices.
-fn least_request(endpoints: &[Endpoint]) -> usize {
+/// The better endpoint by `better`: all endpoints compared when there are few (from a random
+/// start, so ties spread), otherwise the better of two random choices (P2C).
+fn two_choices(endpoints: &[Endpoint], better: fn(&Endpoint, &Endpoint) -> bool) -> usize {
     let n = endpoints.len();
     if n <= SCAN_ALL {
         let start = fastrand::usize(..n);
         return (0..n)
             .map(|k| (start + k) % n)
-            .reduce(|best, i| if lighter(&endpoints[i], &endpoints[best]) { i } else { best })
+            .reduce(|best, i| if better(&endpoints[i], &endpoints[best]) { i } else { best })
             .unwrap_or(0);
     }
     let a = fastrand::usize(..n);
     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-    if lighter(&endpoints[b], &endpoints[a]) { b } else { a }
+    if better(&endpoints[b], &endpoints[a]) { b } else { a }
+}
+
+/// Peak-EWMA cost `latency × (in_flight + 1) / weight`, compared without division.
+fn faster(a: &Endpoint, b: &Endpoint) -> bool {
+    let cost = |e: &Endpoint| e.state.latency.estimate() * (e.state.in_flight() as f64 + 1.0);
+    cost(a) * f64::from(b.weight) < cost(b) * f64::from(a.weight)
 }
 
 /// `(load_a + 1) / weight_a < (load_b + 1) / weight_b`, without division. Load counts
@@ -386,12 +396,28 @@ mod tests {
         assert_eq!(moved, owned, "only the removed endpoint's keys move");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_prefers_the_fast_endpoint_and_weighs_in_flight() {
+        let eps = endpoints(&[1, 1, 1]);
+        eps[0].state.latency.record(std::time::Duration::from_millis(50), false);
+        eps[1].state.latency.record(std::time::Duration::from_millis(2), false);
+        for _ in 0..2 {
+            eps[2].state.latency.record(std::time::Duration::from_millis(1), true); // fast 503s: 30, then 300 ms
+        }
+        let picker = Picker::build(Policy::PeakEwma, &eps);
+        let counter = AtomicUsize::new(0);
+        assert!((0..100).all(|_| picker.pick(&eps, &counter, None) == Some(1)));
+        // 2 ms with 30 in flight costs 62 ms: the 50 ms idle endpoint is cheaper now.
+        let _held: Vec<_> = (0..30).map(|_| eps[1].state.begin()).collect();
+        assert_eq!(picker.pick(&eps, &counter, None), Some(0));
+    }
+
     #[test]
     fn p2c_never_picks_the_same_index_twice_for_a_pair() {
         let eps = endpoints(&[1; 20]);
         let _busy: Vec<_> = (0..19).map(|i| eps[i].state.begin()).collect();
         // Only endpoint 19 is idle; P2C picks it whenever it is sampled, and picks are valid.
-        let picks: Vec<_> = (0..2000).map(|_| least_request(&eps)).collect();
+        let picks: Vec<_> = (0..2000).map(|_| two_choices(&eps, lighter)).collect();
         assert!(picks.iter().all(|&i| i < 20));
         assert!(picks.iter().filter(|&&i| i == 19).count() > 100);
     }

@@ -1,0 +1,70 @@
+//! Adaptive load balancing against real backends on loopback: peak-EWMA moves traffic off a
+//! slow backend and off one that fails fast.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use support::*;
+
+/// `n` requests, 16 at a time, counted by the body (the backend's name) they got back,
+/// whatever the status.
+async fn spread(url: &str, n: usize) -> HashMap<String, usize> {
+    let client = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (client, url) = (client.clone(), url.to_string());
+        tasks.spawn(async move {
+            let mut seen = HashMap::new();
+            for _ in (worker..n).step_by(16) {
+                let resp = client.request(Request::get(&url).body(empty()).unwrap()).await.unwrap();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                *seen.entry(String::from_utf8_lossy(&body).into_owned()).or_insert(0) += 1;
+            }
+            seen
+        });
+    }
+    let mut total = HashMap::new();
+    while let Some(seen) = within(tasks.join_next()).await {
+        for (k, v) in seen.unwrap() {
+            *total.entry(k).or_insert(0) += v;
+        }
+    }
+    total
+}
+
+/// Peak-EWMA, with retries, ejection and the breaker out of the way.
+const PEAK_EWMA: &str = "    load_balancing: peak_ewma\n    retries: { max_attempts: 1 }\n\
+                         \x20   outlier_detection: { consecutive_failures: 0 }\n    circuit_breaker: { failure_ratio: 0 }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_moves_traffic_off_a_slow_backend() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let slow = Backend::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text(200, "slow")
+    })
+    .await;
+    let app = start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (slow.addr, 1)])).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    let seen = spread(&url, 600).await;
+    let share = seen.get("slow").copied().unwrap_or(0) as f64 / 600.0;
+    println!("peak_ewma: the +50 ms backend got {:.1}% of 600 requests (round-robin: 33%)", share * 100.0);
+    assert!(share < 0.10, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_does_not_reward_a_backend_that_fails_fast() {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let failing = Backend::start(|_req| async { text(503, "failing") }).await;
+    let app =
+        start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (failing.addr, 1)])).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    let seen = spread(&url, 600).await;
+    let share = seen.get("failing").copied().unwrap_or(0) as f64 / 600.0;
+    println!("peak_ewma: the backend answering 503 at once got {:.1}% of 600 requests", share * 100.0);
+    assert!(share < 0.10, "{seen:?}");
+}
