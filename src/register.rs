@@ -129,6 +129,16 @@ async fn run(cfg: RegisterConfig, etcd: Arc<Etcd>, state: Arc<Mutex<&'static str
     }
 }
 
+/// When this instance first registered, in Unix seconds: the same in every re-registration,
+/// so callers' slow start ramps it once, from the same moment in every client.
+fn registered_at() -> u64 {
+    static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(0, |d| d.as_secs())
+    })
+}
+
 /// Resolves when our key was deleted (`Ok`) or the watch broke (`Err`); pends without a lease.
 async fn watch_own_key(lease: &mut Option<Lease>) -> Result<(), Error> {
     let Some(l) = lease.as_mut() else { return std::future::pending().await };
@@ -162,6 +172,7 @@ impl Lease {
     async fn put(&mut self, cfg: &RegisterConfig) -> Result<(), Error> {
         let mut metadata = serde_json::Map::new();
         metadata.insert("weight".into(), cfg.weight.get().into());
+        metadata.insert("registered_at".into(), registered_at().to_string().into());
         for (k, v) in &cfg.metadata {
             metadata.insert(k.clone(), v.clone().into());
         }

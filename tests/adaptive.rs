@@ -68,3 +68,29 @@ async fn peak_ewma_does_not_reward_a_backend_that_fails_fast() {
     println!("peak_ewma: the backend answering 503 at once got {:.1}% of 600 requests", share * 100.0);
     assert!(share < 0.10, "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_new_endpoints_share() {
+    let (a, b, c) = (Backend::named("a").await, Backend::named("b").await, Backend::named("new").await);
+    let extra = "    slow_start: { window: 3s, floor_percent: 10 }\n";
+    let app = start_app(&one_service("http", extra, &[(a.addr, 1), (b.addr, 1)])).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    let seen = spread(&url, 100).await;
+    assert_eq!(seen.len(), 2, "the first set is not new: no ramp, {seen:?}");
+
+    let next = one_service("http", extra, &[(a.addr, 1), (b.addr, 1), (c.addr, 1)]);
+    assert!(app.reload(outrider::config::Config::parse(&next).unwrap()).await.unwrap());
+    let early = spread(&url, 300).await;
+    let early = early.get("new").copied().unwrap_or(0) as f64 / 300.0;
+    // The ramp's own clock: wait out the window, then the share is full.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let late = spread(&url, 300).await;
+    let late = late.get("new").copied().unwrap_or(0) as f64 / 300.0;
+    println!(
+        "slow start: new endpoint's share {:.1}% just after it appeared, {:.1}% after the window",
+        early * 100.0,
+        late * 100.0
+    );
+    assert!(early < 0.15, "starts near the 10 % floor (10/210 ≈ 5 %): {early}");
+    assert!((0.30..=0.37).contains(&late), "full share after the window: {late}");
+}

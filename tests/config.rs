@@ -476,3 +476,33 @@ services:
     assert!(route.sticky.is_none());
     assert_eq!(config.services["a"].load_balancing, outrider::config::Policy::WeightedRoundRobin);
 }
+
+#[test]
+fn slow_start_has_documented_defaults_and_ranges() {
+    let yaml = "\
+listeners:
+  - { name: front, bind: 127.0.0.1:7001, service: a }
+services:
+  a:
+    endpoints: []
+    slow_start: {}
+  b:
+    endpoints: []
+    load_balancing: ring_hash
+    hash_key: { path: true }
+    slow_start:
+      window: 0s
+      floor_percent: 0
+      aggression: 50
+";
+    let all = problems(yaml);
+    assert_problem(&all, "services.b.slow_start", 11, "not with ring_hash");
+    assert_problem(&all, "services.b.slow_start.window", 12, "out of range");
+    assert_problem(&all, "services.b.slow_start.floor_percent", 13, "between 1 and 100");
+    assert_problem(&all, "services.b.slow_start.aggression", 14, "between 0.1 and 10");
+    assert_eq!(all.len(), 4, "{all:#?}");
+    let ok = yaml.split("  b:").next().unwrap();
+    let config = Config::parse_with_env(ok, HashMap::new()).unwrap();
+    let s = config.services["a"].slow_start.clone().unwrap();
+    assert_eq!((s.window, s.floor, s.aggression), (Duration::from_secs(30), 0.1, 1.0));
+}

@@ -70,6 +70,10 @@ async fn health_gated_registration_keepalive_withdrawal_and_reregistration() {
     let decoded = outrider::discovery::decode::decode(value.as_bytes(), Default::default()).unwrap();
     assert_eq!(decoded[0].addr, local.addr);
     assert_eq!(decoded[0].tags["version"], "v7");
+    // When it registered, for callers' slow start: now, in Unix seconds.
+    let at: u64 = decoded[0].tags["registered_at"].parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(now - at < 60, "registered_at {at} vs now {now}");
 
     // Keepalive: the key outlives its 2 s TTL. (Waiting out the TTL is what is under test.)
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -211,6 +211,7 @@ pub struct ServiceFile {
     pub tls: Option<UpstreamTlsFile>,
     /// The key `load_balancing: ring_hash` hashes.
     pub hash_key: Option<HashKeyFile>,
+    pub slow_start: Option<SlowStartFile>,
     #[serde(default)]
     pub locality: Locality,
     pub routes: Option<Vec<RouteFile>>,
@@ -471,4 +472,13 @@ pub struct SplitFile {
     pub to: BTreeMap<String, String>,
     /// Signed so that a negative weight reaches validation and gets a message with its path.
     pub weight: i64,
+}
+
+/// A new endpoint's weight ramps up over `window`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowStartFile {
+    pub window: Option<String>,
+    pub floor_percent: Option<u32>,
+    pub aggression: Option<f64>,
 }

@@ -217,6 +217,20 @@ pub struct ServiceConfig {
     pub weights: BTreeMap<SocketAddr, u32>,
     /// Routes to subsets by endpoint tags, the ring-hash key, and zone preference.
     pub routing: Routing,
+    /// Ramp a new endpoint's weight up instead of giving it its full share at once.
+    pub slow_start: Option<SlowStart>,
+}
+
+/// Envoy's slow start: a new endpoint's weight is multiplied by
+/// `max(floor, (age / window)^(1 / aggression))` until it is `window` old.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlowStart {
+    #[serde(with = "human")]
+    pub window: Duration,
+    /// The least share of its weight a new endpoint gets (0.1: 10 %).
+    pub floor: f64,
+    /// 1.0: linear; higher: the weight grows faster early.
+    pub aggression: f64,
 }
 
 /// Where a service's endpoints come from.

@@ -7,7 +7,7 @@ use http::StatusCode;
 
 use super::file::{
     BreakerFile, DiscoveryKind, HealthCheckFile, OutlierFile, RateLimitFile, RetriesFile, RetryToken,
-    ServiceFile,
+    ServiceFile, SlowStartFile,
 };
 use super::locate::join_key;
 use super::validate::{Validator, defaults};
@@ -104,8 +104,11 @@ impl Validator {
         let weights = s.weights.take().map(|w| self.weight_overrides(&join_key(path, "weights"), w));
         let routing =
             self.routing(path, s.routes.take(), s.hash_key.take(), s.locality, s.load_balancing, zone);
+        let slow_start =
+            s.slow_start.take().map(|f| self.slow_start(&join_key(path, "slow_start"), f, s.load_balancing));
         ServiceConfig {
             routing,
+            slow_start,
             weights: weights.unwrap_or_default(),
             discovery,
             load_balancing: s.load_balancing,
@@ -113,6 +116,34 @@ impl Validator {
             timeouts,
             resilience,
             tls,
+        }
+    }
+
+    fn slow_start(&mut self, path: &str, f: SlowStartFile, policy: Policy) -> SlowStart {
+        if policy == Policy::RingHash {
+            self.problem(path, "not with ring_hash: changing weights would move keys between endpoints");
+        }
+        let window = self.duration(
+            &join_key(path, "window"),
+            f.window,
+            defaults::SLOW_START_WINDOW,
+            Duration::from_secs(1)..=Duration::from_secs(3600),
+        );
+        let floor = f.floor_percent.unwrap_or(defaults::SLOW_START_FLOOR_PERCENT);
+        if !(1..=100).contains(&floor) {
+            self.problem(&join_key(path, "floor_percent"), format!("must be between 1 and 100, got {floor}"));
+        }
+        let aggression = f.aggression.unwrap_or(defaults::SLOW_START_AGGRESSION);
+        if !(0.1..=10.0).contains(&aggression) {
+            self.problem(
+                &join_key(path, "aggression"),
+                format!("must be between 0.1 and 10, got {aggression}"),
+            );
+        }
+        SlowStart {
+            window,
+            floor: f64::from(floor.clamp(1, 100)) / 100.0,
+            aggression: aggression.clamp(0.1, 10.0),
         }
     }
 

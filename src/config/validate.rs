@@ -64,6 +64,9 @@ pub mod defaults {
     pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
     pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(30);
     pub const ZONE_TAG: &str = "zone";
+    pub const SLOW_START_WINDOW: Duration = Duration::from_secs(30);
+    pub const SLOW_START_FLOOR_PERCENT: u32 = 10;
+    pub const SLOW_START_AGGRESSION: f64 = 1.0;
     /// Envoy's `min_cluster_size`: fewer endpoints than this, and zones are ignored.
     pub const ZONE_MIN_ENDPOINTS: u32 = 6;
 }

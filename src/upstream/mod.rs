@@ -16,6 +16,7 @@ pub(crate) mod health;
 mod locality;
 pub(crate) mod outlier;
 mod pick;
+mod ramp;
 mod service;
 mod window;
 
@@ -32,7 +33,7 @@ use tokio::sync::mpsc;
 pub(crate) use service::{Service, ServiceHandle};
 
 use crate::client::Pool;
-use crate::config::{EndpointSpec, LocalityRule, Outlier, Policy, Selector, ServiceConfig};
+use crate::config::{EndpointSpec, LocalityRule, Outlier, Policy, Selector, ServiceConfig, SlowStart};
 use crate::telemetry::metrics::Matrix;
 pub use locality::{LocalityView, ZoneView};
 use outlier::{Change, Ejection, Health};
@@ -49,6 +50,7 @@ pub struct Settings {
     /// Subsets routes send to, by tags; subset 0 is the whole service.
     pub subsets: Vec<Selector>,
     pub locality: Option<LocalityRule>,
+    pub slow_start: Option<SlowStart>,
 }
 
 /// Which endpoints one request may go to: a subset (0: the whole service) and, for
@@ -89,6 +91,9 @@ pub struct EndpointState {
     pub(crate) requests: Matrix,
     /// Connections to this endpoint (and the TLS name from its `server_name` tag).
     pub(crate) pool: Pool,
+    /// When this Outrider first saw it (`clock::now_ms`); `None`: in the first set the
+    /// service received, so not new (slow start).
+    pub(crate) seen_ms: Option<u64>,
 }
 
 /// An endpoint as one snapshot sees it: its current weight and tags plus its shared state.
@@ -111,6 +116,8 @@ pub struct Snapshot {
     outlier: Arc<Outlier>,
     /// Whether discovery has delivered a set yet (an empty set counts once delivered).
     pub synced: bool,
+    /// A new endpoint's weight is still ramping up (slow start).
+    ramping: bool,
 }
 
 /// The candidates of one subset: all its routable endpoints, and with zone preference the
@@ -170,7 +177,12 @@ pub struct InFlight {
 // === impl EndpointState ===
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> Self {
+    #[cfg(test)]
+    pub(crate) fn seen_now(addr: SocketAddr) -> Self {
+        EndpointState::new(addr, Some(crate::clock::now_ms()))
+    }
+
+    fn new(addr: SocketAddr, seen_ms: Option<u64>) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid"));
         EndpointState {
@@ -181,6 +193,7 @@ impl EndpointState {
             latency: ewma::Ewma::default(),
             requests: Matrix::default(),
             pool: Pool::default(),
+            seen_ms,
         }
     }
 
@@ -372,13 +385,15 @@ impl Owner {
         let old = self.balancer.snapshot.load();
         let known: HashMap<SocketAddr, &Arc<EndpointState>> =
             old.endpoints.iter().map(|e| (e.addr, &e.state)).collect();
+        // The first set a service receives is not "new" (slow start); later arrivals are.
+        let seen = old.synced.then(crate::clock::now_ms);
         let endpoints: Vec<Endpoint> = self
             .specs
             .iter()
             .map(|s| {
                 let state = known
                     .get(&s.addr)
-                    .map_or_else(|| Arc::new(EndpointState::new(s.addr)), |st| Arc::clone(st));
+                    .map_or_else(|| Arc::new(EndpointState::new(s.addr, seen)), |st| Arc::clone(st));
                 state.pool.set_server_name(s.tags.get("server_name"));
                 let weight = self.settings.weights.get(&s.addr).copied().unwrap_or(s.weight.get());
                 Endpoint { addr: s.addr, weight, tags: Arc::new(s.tags.clone()), state }
@@ -410,10 +425,16 @@ impl Owner {
         self.store(old.endpoints.clone(), old.synced);
     }
 
-    /// When the next ejection ends, if one is in force.
+    /// When the snapshot must be rebuilt next: the earliest end of an ejection, or the next
+    /// step of a slow-start ramp.
     fn next_return(&self) -> Option<tokio::time::Instant> {
         let snap = self.balancer.snapshot.load();
-        snap.endpoints.iter().filter_map(|e| e.state.health.ejected_until()).min()
+        let ejection = snap.endpoints.iter().filter_map(|e| e.state.health.ejected_until()).min();
+        let ramp = match (&self.settings.slow_start, snap.ramping) {
+            (Some(cfg), true) => Some(tokio::time::Instant::now() + ramp::step(cfg)),
+            _ => None,
+        };
+        ejection.into_iter().chain(ramp).min()
     }
 
     fn store(&self, endpoints: Vec<Endpoint>, synced: bool) {
@@ -481,17 +502,21 @@ fn build(
 ) -> Snapshot {
     let whole = Selector::new();
     let subsets = if settings.subsets.is_empty() { std::slice::from_ref(&whole) } else { &settings.subsets };
+    let (weighted, ramping) = match &settings.slow_start {
+        Some(cfg) if settings.policy != Policy::RingHash => ramp::apply(cfg, &endpoints),
+        _ => (endpoints.clone(), false),
+    };
     let groups = subsets
         .iter()
         .enumerate()
         .map(|(i, selector)| {
             let position =
                 old.and_then(|o| o.groups.get(i)).map_or(0, |g| g.all.counter.load(Ordering::Relaxed));
-            let members = endpoints.iter().filter(|e| selector.iter().all(|(k, v)| e.tags.get(k) == Some(v)));
+            let members = weighted.iter().filter(|e| selector.iter().all(|(k, v)| e.tags.get(k) == Some(v)));
             group(settings, outlier, members, i == 0, position)
         })
         .collect();
-    Snapshot { endpoints, groups, outlier: outlier.clone(), synced }
+    Snapshot { endpoints, groups, outlier: outlier.clone(), synced, ramping }
 }
 
 fn group<'a>(
@@ -558,6 +583,7 @@ impl Settings {
             weights: service.weights.clone(),
             subsets: service.routing.subsets.clone(),
             locality: service.routing.locality.clone(),
+            slow_start: service.slow_start.clone(),
         }
     }
 }
