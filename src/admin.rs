@@ -116,7 +116,7 @@ async fn upstreams(app: &App) -> Response<Full<Bytes>> {
                 "circuit_breaker": up.breaker.state_name(),
                 "in_flight": up.breaker.in_flight(),
                 "watch": watches.remove(name),
-                "endpoints": up.balancer.describe(),
+                "endpoints": up.balancer.describe_learning(up.config.client_weighted.as_ref()),
             });
             (name.clone(), view)
         })

@@ -506,3 +506,31 @@ services:
     let s = config.services["a"].slow_start.clone().unwrap();
     assert_eq!((s.window, s.floor, s.aggression), (Duration::from_secs(30), 0.1, 1.0));
 }
+
+#[test]
+fn client_weighted_has_grpc_defaults_and_belongs_to_its_policy() {
+    let yaml = "\
+listeners:
+  - { name: front, bind: 127.0.0.1:7001, service: a }
+services:
+  a:
+    endpoints: []
+    load_balancing: client_weighted
+  b:
+    endpoints: []
+    client_weighted: { blackout: 1s }
+  c:
+    endpoints: []
+    load_balancing: client_weighted
+    client_weighted: { update_period: 1ms, error_penalty: -1 }
+";
+    let all = problems(yaml);
+    assert_problem(&all, "services.b.client_weighted", 9, "is for `load_balancing: client_weighted`");
+    assert_problem(&all, "services.c.client_weighted.update_period", 13, "out of range");
+    assert_problem(&all, "services.c.client_weighted.error_penalty", 13, "between 0 and 100");
+    assert_eq!(all.len(), 3, "{all:#?}");
+    let ok = yaml.split("  b:").next().unwrap();
+    let cw = Config::parse_with_env(ok, HashMap::new()).unwrap().services["a"].client_weighted.unwrap();
+    let want = (Duration::from_secs(10), Duration::from_secs(180), Duration::from_secs(1), 1.0);
+    assert_eq!((cw.blackout, cw.expiration, cw.update_period, cw.error_penalty), want);
+}

@@ -212,6 +212,7 @@ pub struct ServiceFile {
     /// The key `load_balancing: ring_hash` hashes.
     pub hash_key: Option<HashKeyFile>,
     pub slow_start: Option<SlowStartFile>,
+    pub client_weighted: Option<ClientWeightedFile>,
     #[serde(default)]
     pub locality: Locality,
     pub routes: Option<Vec<RouteFile>>,
@@ -481,4 +482,14 @@ pub struct SlowStartFile {
     pub window: Option<String>,
     pub floor_percent: Option<u32>,
     pub aggression: Option<f64>,
+}
+
+/// How `load_balancing: client_weighted` learns weights from ORCA reports.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientWeightedFile {
+    pub blackout: Option<String>,
+    pub expiration: Option<String>,
+    pub update_period: Option<String>,
+    pub error_penalty: Option<f64>,
 }

@@ -219,6 +219,24 @@ pub struct ServiceConfig {
     pub routing: Routing,
     /// Ramp a new endpoint's weight up instead of giving it its full share at once.
     pub slow_start: Option<SlowStart>,
+    /// How `load_balancing: client_weighted` learns weights (`None` for other policies).
+    pub client_weighted: Option<ClientWeighted>,
+}
+
+/// gRPC's weighted round-robin settings, with its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ClientWeighted {
+    /// A new run of reports counts only after this long.
+    #[serde(with = "human")]
+    pub blackout: Duration,
+    /// Reports older than this are forgotten.
+    #[serde(with = "human")]
+    pub expiration: Duration,
+    /// How often the weights are recomputed.
+    #[serde(with = "human")]
+    pub update_period: Duration,
+    /// How much errors per second weigh against an endpoint, per unit of qps.
+    pub error_penalty: f64,
 }
 
 /// Envoy's slow start: a new endpoint's weight is multiplied by
@@ -300,6 +318,8 @@ pub enum Policy {
     LeastRequest,
     /// Lowest peak-EWMA latency × (in-flight + 1) per unit of weight (Linkerd's).
     PeakEwma,
+    /// Smooth weighted round-robin over weights learned from the endpoints' ORCA reports.
+    ClientWeighted,
     /// A consistent-hash ring over the endpoints, keyed by the service's `hash_key`.
     RingHash,
 }

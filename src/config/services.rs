@@ -6,8 +6,8 @@ use std::time::Duration;
 use http::StatusCode;
 
 use super::file::{
-    BreakerFile, DiscoveryKind, HealthCheckFile, OutlierFile, RateLimitFile, RetriesFile, RetryToken,
-    ServiceFile, SlowStartFile,
+    BreakerFile, ClientWeightedFile, DiscoveryKind, HealthCheckFile, OutlierFile, RateLimitFile, RetriesFile,
+    RetryToken, ServiceFile, SlowStartFile,
 };
 use super::locate::join_key;
 use super::validate::{Validator, defaults};
@@ -106,9 +106,20 @@ impl Validator {
             self.routing(path, s.routes.take(), s.hash_key.take(), s.locality, s.load_balancing, zone);
         let slow_start =
             s.slow_start.take().map(|f| self.slow_start(&join_key(path, "slow_start"), f, s.load_balancing));
+        let client_weighted = match (s.load_balancing, s.client_weighted.take()) {
+            (Policy::ClientWeighted, f) => {
+                Some(self.client_weighted(&join_key(path, "client_weighted"), f.unwrap_or_default()))
+            }
+            (_, Some(_)) => {
+                self.problem(&join_key(path, "client_weighted"), "is for `load_balancing: client_weighted`");
+                None
+            }
+            (_, None) => None,
+        };
         ServiceConfig {
             routing,
             slow_start,
+            client_weighted,
             weights: weights.unwrap_or_default(),
             discovery,
             load_balancing: s.load_balancing,
@@ -144,6 +155,37 @@ impl Validator {
             window,
             floor: f64::from(floor.clamp(1, 100)) / 100.0,
             aggression: aggression.clamp(0.1, 10.0),
+        }
+    }
+
+    fn client_weighted(&mut self, path: &str, f: ClientWeightedFile) -> ClientWeighted {
+        let p = |k| join_key(path, k);
+        let hour = Duration::from_secs(3600);
+        let ms = Duration::from_millis(1);
+        let penalty = f.error_penalty.unwrap_or(defaults::ORCA_ERROR_PENALTY);
+        if !(0.0..=100.0).contains(&penalty) {
+            self.problem(&p("error_penalty"), format!("must be between 0 and 100, got {penalty}"));
+        }
+        ClientWeighted {
+            blackout: self.duration(
+                &p("blackout"),
+                f.blackout,
+                defaults::ORCA_BLACKOUT,
+                Duration::ZERO..=hour,
+            ),
+            expiration: self.duration(
+                &p("expiration"),
+                f.expiration,
+                defaults::ORCA_EXPIRATION,
+                Duration::from_secs(1)..=hour,
+            ),
+            update_period: self.duration(
+                &p("update_period"),
+                f.update_period,
+                defaults::ORCA_UPDATE_PERIOD,
+                ms * 100..=Duration::from_secs(60),
+            ),
+            error_penalty: penalty.clamp(0.0, 100.0),
         }
     }
 

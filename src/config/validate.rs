@@ -67,6 +67,11 @@ pub mod defaults {
     pub const SLOW_START_WINDOW: Duration = Duration::from_secs(30);
     pub const SLOW_START_FLOOR_PERCENT: u32 = 10;
     pub const SLOW_START_AGGRESSION: f64 = 1.0;
+    /// gRPC's weighted round-robin defaults.
+    pub const ORCA_BLACKOUT: Duration = Duration::from_secs(10);
+    pub const ORCA_EXPIRATION: Duration = Duration::from_secs(180);
+    pub const ORCA_UPDATE_PERIOD: Duration = Duration::from_secs(1);
+    pub const ORCA_ERROR_PENALTY: f64 = 1.0;
     /// Envoy's `min_cluster_size`: fewer endpoints than this, and zones are ignored.
     pub const ZONE_MIN_ENDPOINTS: u32 = 6;
 }

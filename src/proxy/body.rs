@@ -11,6 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::client::Lease;
+use crate::config::ClientWeighted;
 use crate::upstream::InFlight;
 use crate::upstream::breaker::Admission;
 
@@ -33,6 +34,8 @@ pub(crate) struct Held {
     /// The breaker's in-flight slot, given back when the body ends (held for its `Drop`).
     pub(crate) _admission: Option<Admission>,
     pub(crate) lease: Option<Lease>,
+    /// Under `client_weighted`: read a load report from the trailers (gRPC sends it there).
+    pub(crate) orca: Option<ClientWeighted>,
 }
 
 // === impl ProxyBody ===
@@ -67,6 +70,11 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Upstream { inner, held } => {
                 let poll = Pin::new(&mut *inner).poll_frame(cx);
+                if let (Poll::Ready(Some(Ok(frame))), Some(h)) = (&poll, held.as_ref())
+                    && let (Some(trailers), Some(cfg)) = (frame.trailers_ref(), &h.orca)
+                {
+                    h.in_flight.state().load.record_from(trailers, cfg);
+                }
                 match &poll {
                     // Read to its end: the connection may serve the next request.
                     Poll::Ready(None) => {

@@ -175,7 +175,7 @@ async fn forward<'a>(
             tokio::time::sleep(delay).await;
             continue;
         }
-        return finish(outcome, lease, endpoint, admission, failed);
+        return finish(up, outcome, lease, endpoint, admission, failed);
     }
 }
 
@@ -267,6 +267,7 @@ pub(super) fn connect_error(addr: SocketAddr, e: crate::client::ConnectError) ->
 /// The final outcome becomes the answer; the breaker hears of it unless it was the client's
 /// doing. A response keeps its endpoint, admission and connection until its last frame.
 fn finish(
+    up: &Upstream,
     outcome: Outcome<Incoming>,
     lease: Option<Lease>,
     endpoint: InFlight,
@@ -283,7 +284,11 @@ fn finish(
         Outcome::Response(mut resp) => {
             admission.record(!failed);
             strip_hop_by_hop(resp.headers_mut());
-            let held = Held { in_flight: endpoint, _admission: Some(admission), lease };
+            let orca = up.config.client_weighted;
+            if let Some(cfg) = &orca {
+                endpoint.state().load.record_from(resp.headers(), cfg);
+            }
+            let held = Held { in_flight: endpoint, _admission: Some(admission), lease, orca };
             Ok(resp.map(|b| ProxyBody::upstream(b, held)))
         }
     }
@@ -327,7 +332,7 @@ async fn upgrade<'a>(
             let (parts, _) = resp.into_parts();
             Ok(Response::from_parts(parts, ProxyBody::empty()))
         }
-        outcome => finish(outcome, lease, endpoint, admission, failed),
+        outcome => finish(up, outcome, lease, endpoint, admission, failed),
     }
 }
 

@@ -138,6 +138,21 @@ impl Collector for AppCollector {
             "Requests (or TCP connections) in flight per endpoint.",
             &rows,
         )?;
+        let mut rows = Vec::new();
+        for (((name, snap), addrs), (_, up)) in endpoints.iter().zip(&addrs).zip(ups.iter()) {
+            let Some(cfg) = &up.config.client_weighted else { continue };
+            for (e, addr) in snap.endpoints.iter().zip(addrs) {
+                if let Some(w) = e.state.load.weight(cfg) {
+                    rows.push((vec![("service", *name), ("endpoint", addr.as_str())], w));
+                }
+            }
+        }
+        gauge(
+            &mut enc,
+            "outrider_endpoint_learned_weight",
+            "client_weighted: the weight learned from the endpoint's ORCA load reports.",
+            &rows,
+        )?;
 
         let rows: Vec<_> = ups.iter().map(|(n, up)| (svc(n), &up.metrics.request_duration)).collect();
         histogram(

@@ -14,6 +14,7 @@ pub mod budget;
 mod ewma;
 pub(crate) mod health;
 mod locality;
+pub(crate) mod orca;
 pub(crate) mod outlier;
 mod pick;
 mod ramp;
@@ -33,7 +34,9 @@ use tokio::sync::mpsc;
 pub(crate) use service::{Service, ServiceHandle};
 
 use crate::client::Pool;
-use crate::config::{EndpointSpec, LocalityRule, Outlier, Policy, Selector, ServiceConfig, SlowStart};
+use crate::config::{
+    ClientWeighted, EndpointSpec, LocalityRule, Outlier, Policy, Selector, ServiceConfig, SlowStart,
+};
 use crate::telemetry::metrics::Matrix;
 pub use locality::{LocalityView, ZoneView};
 use outlier::{Change, Ejection, Health};
@@ -51,6 +54,7 @@ pub struct Settings {
     pub subsets: Vec<Selector>,
     pub locality: Option<LocalityRule>,
     pub slow_start: Option<SlowStart>,
+    pub client_weighted: Option<ClientWeighted>,
 }
 
 /// Which endpoints one request may go to: a subset (0: the whole service) and, for
@@ -84,6 +88,8 @@ pub struct EndpointState {
     pub(crate) health: Health,
     /// Peak-EWMA latency estimate (fed only under `load_balancing: peak_ewma`).
     pub(crate) latency: ewma::Ewma,
+    /// The last ORCA load report (read only under `load_balancing: client_weighted`).
+    pub(crate) load: orca::Load,
     pub addr: SocketAddr,
     /// `addr` as a URI authority, built once so requests do not format it.
     pub(crate) authority: Authority,
@@ -191,6 +197,7 @@ impl EndpointState {
             in_flight: AtomicUsize::new(0),
             health: Health::default(),
             latency: ewma::Ewma::default(),
+            load: orca::Load::default(),
             requests: Matrix::default(),
             pool: Pool::default(),
             seen_ms,
@@ -341,13 +348,19 @@ impl Balancer {
         let _ = self.wake.try_send(());
     }
 
-    /// Endpoint view for the admin `/upstreams` page.
+    /// Endpoint view for the admin `/upstreams` page; `learning` gives the weights
+    /// learned from load reports under `client_weighted`.
     pub fn describe(&self) -> Vec<EndpointView> {
+        self.describe_learning(None)
+    }
+
+    pub fn describe_learning(&self, learning: Option<&ClientWeighted>) -> Vec<EndpointView> {
         self.snapshot
             .load()
             .endpoints
             .iter()
             .map(|e| EndpointView {
+                learned_weight: learning.and_then(|c| e.state.load.weight(c)),
                 addr: e.addr,
                 weight: e.weight,
                 tags: (*e.tags).clone(),
@@ -434,7 +447,10 @@ impl Owner {
             (Some(cfg), true) => Some(tokio::time::Instant::now() + ramp::step(cfg)),
             _ => None,
         };
-        ejection.into_iter().chain(ramp).min()
+        // Learned weights are recomputed every update period.
+        let learn =
+            self.settings.client_weighted.as_ref().map(|c| tokio::time::Instant::now() + c.update_period);
+        ejection.into_iter().chain(ramp).chain(learn).min()
     }
 
     fn store(&self, endpoints: Vec<Endpoint>, synced: bool) {
@@ -502,9 +518,13 @@ fn build(
 ) -> Snapshot {
     let whole = Selector::new();
     let subsets = if settings.subsets.is_empty() { std::slice::from_ref(&whole) } else { &settings.subsets };
+    let learned = match &settings.client_weighted {
+        Some(cfg) if settings.policy == Policy::ClientWeighted => orca::apply(cfg, &endpoints),
+        _ => endpoints.clone(),
+    };
     let (weighted, ramping) = match &settings.slow_start {
-        Some(cfg) if settings.policy != Policy::RingHash => ramp::apply(cfg, &endpoints),
-        _ => (endpoints.clone(), false),
+        Some(cfg) if settings.policy != Policy::RingHash => ramp::apply(cfg, &learned),
+        _ => (learned, false),
     };
     let groups = subsets
         .iter()
@@ -584,6 +604,7 @@ impl Settings {
             subsets: service.routing.subsets.clone(),
             locality: service.routing.locality.clone(),
             slow_start: service.slow_start.clone(),
+            client_weighted: service.client_weighted,
         }
     }
 }
@@ -598,6 +619,10 @@ pub struct EndpointView {
     pub state: &'static str,
     pub consecutive_failures: u32,
     pub times_ejected: u32,
+    /// Under `client_weighted`: the weight learned from the endpoint's load reports (`None`:
+    /// no usable report, so it gets the mean).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned_weight: Option<f64>,
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ impl Picker {
         match policy {
             Policy::LeastRequest => Picker::LeastRequest,
             Policy::PeakEwma => Picker::PeakEwma,
-            Policy::WeightedRoundRobin => weighted(endpoints),
+            Policy::WeightedRoundRobin | Policy::ClientWeighted => weighted(endpoints),
             Policy::RingHash => ring(endpoints),
         }
     }
