@@ -49,6 +49,12 @@ async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full
         (&Method::GET, "/config") => config(app).await,
         (&Method::GET, "/upstreams") => upstreams(app).await,
         (&Method::GET, "/explain") => explain(app, req.uri().query().unwrap_or("")),
+        (&Method::GET, "/leader") => match app.leadership().await {
+            Some(view) => json_response(StatusCode::OK, &json!(view)),
+            None => {
+                json_response(StatusCode::NOT_FOUND, &json!({ "error": "no `leader` block in the config" }))
+            }
+        },
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::expose::render(app))));
             let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -64,9 +70,10 @@ async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full
             app.shutdown(false);
             json_response(StatusCode::ACCEPTED, &json!({ "shutting_down": true }))
         }
-        (_, "/live" | "/ready" | "/config" | "/upstreams" | "/explain" | "/metrics" | "/shutdown") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/live" | "/ready" | "/config" | "/upstreams" | "/explain" | "/leader" | "/metrics" | "/shutdown",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => {
             text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams /explain /metrics\n")
         }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 mod etcd;
+pub mod leader;
 pub mod overlay_cli;
 mod pki;
 mod proxy;

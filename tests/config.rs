@@ -534,3 +534,17 @@ services:
     let want = (Duration::from_secs(10), Duration::from_secs(180), Duration::from_secs(1), 1.0);
     assert_eq!((cw.blackout, cw.expiration, cw.update_period, cw.error_penalty), want);
 }
+
+#[test]
+fn leader_election_needs_etcd_and_a_name() {
+    let yaml = "\
+allow_no_listeners: true
+listeners: []
+leader:
+  ttl: 1s
+";
+    let all = problems(yaml);
+    assert_problem(&all, "leader.election", 3, "name the election");
+    assert_problem(&all, "leader.ttl", 4, "out of range");
+    assert!(all.iter().any(|p| p.message.contains("needs the top-level `etcd` block")), "{all:#?}");
+}

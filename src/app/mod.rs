@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::discovery::Sources;
+use crate::leader::Leader;
 use crate::proxy::{Listener, Upstream};
 use crate::register::Registrar;
 use crate::server::InboundMetrics;
@@ -85,6 +86,8 @@ struct Inner {
     /// block stays the same).
     sources: std::sync::Mutex<Sources>,
     registrar: Mutex<Option<Registrar>>,
+    /// Leader election, when the config has a `leader` block.
+    leader: Mutex<Option<Leader>>,
     /// Live overlays from etcd, laid over the file on every change and reload.
     overlays: std::sync::Mutex<overlay::Overlays>,
     telemetry: Arc<Telemetry>,
@@ -146,6 +149,7 @@ impl App {
                 discoveries: Mutex::new(discoveries),
                 sources: std::sync::Mutex::new(sources.clone()),
                 registrar: Mutex::new(None),
+                leader: Mutex::new(None),
                 overlays: std::sync::Mutex::default(),
                 telemetry,
                 tls,
@@ -163,6 +167,7 @@ impl App {
         };
         app.set_inbound(&app.inner.listeners.lock().await);
         app.set_registration(&app.runtime().config).await;
+        app.set_leader(&app.runtime().config).await;
         app.set_overlay_watch(&app.runtime().config);
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(admin_socket, app.clone(), admin_stop.clone()));
@@ -322,6 +327,29 @@ impl App {
         *registrar = config.register.clone().zip(etcd).map(|(r, e)| Registrar::start(r, e));
     }
 
+    /// Starts, keeps or replaces the leader election to match `config`.
+    pub(crate) async fn set_leader(&self, config: &Config) {
+        let mut leader = self.inner.leader.lock().await;
+        if leader.as_ref().map(|l| &l.config) == config.leader.as_ref() {
+            return;
+        }
+        if let Some(old) = leader.take() {
+            old.resign().await;
+        }
+        let etcd = self.sources(config).etcd;
+        *leader = config.leader.clone().zip(etcd).map(|(l, e)| Leader::start(l, e));
+    }
+
+    /// Leadership now; `None` when no election is configured.
+    pub async fn leadership(&self) -> Option<crate::leader::View> {
+        self.inner.leader.lock().await.as_ref().map(Leader::view)
+    }
+
+    /// Like [`App::leadership`] without waiting: `None` also while a reload holds it.
+    pub fn leadership_now(&self) -> Option<crate::leader::View> {
+        self.inner.leader.try_lock().ok()?.as_ref().map(Leader::view)
+    }
+
     /// The shared clients for `config`, replacing the running ones whose block changed.
     pub(crate) fn sources(&self, config: &Config) -> Sources {
         let mut slot = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
@@ -363,6 +391,11 @@ impl App {
         inner.shutdown_requested.cancelled().await;
         inner.draining.store(true, Ordering::Relaxed);
         let config = self.runtime().config.clone();
+        // A leader resigns first, so another instance takes over at once, not after the TTL.
+        let leader = inner.leader.lock().await.take();
+        if let Some(leader) = leader {
+            leader.resign().await;
+        }
         // Peers must stop sending to us before we stop accepting: withdraw the key first.
         // Taken out first: the lock must not be held across the delay (`/upstreams` reads it).
         let registrar = inner.registrar.lock().await.take();

@@ -113,6 +113,7 @@ impl App {
         }));
         self.swap_listeners(&mut listeners, &config, &upstreams, plan).await;
         self.set_registration(&config).await;
+        self.set_leader(&config).await;
         self.set_overlay_watch(&config);
         self.inner.status.send_modify(|s| {
             s.generation = generation;

@@ -37,6 +37,16 @@ pub struct File {
     pub dns: DnsFile,
     /// This Outrider's zone, for services with `locality: prefer_local`.
     pub zone: Option<ZoneFile>,
+    /// Leader election among the app's instances.
+    pub leader: Option<LeaderFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderFile {
+    pub election: Option<String>,
+    pub ttl: Option<String>,
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -57,9 +57,24 @@ pub struct Config {
     pub tracing: Option<TracingConfig>,
     /// How host names are resolved; used by services that name hosts.
     pub dns: DnsConfig,
+    /// Leader election among the app's instances; needs the `etcd` block.
+    pub leader: Option<LeaderConfig>,
     /// The text this was validated from, so etcd overlays can be laid over it again.
     #[serde(skip)]
     pub source: Option<Arc<Source>>,
+}
+
+/// Leader election through etcd's election API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaderConfig {
+    /// The election's name (its key prefix in etcd); instances with the same name compete.
+    pub election: String,
+    /// The lease the leadership hangs on: a leader that cannot renew it steps down before
+    /// it expires, and a crashed leader's term ends when it does.
+    #[serde(with = "human")]
+    pub ttl: Duration,
+    /// What this instance announces as the leader's value (default: the host name).
+    pub identity: String,
 }
 
 /// A config file's text and the environment its `${VAR}`s were expanded from.

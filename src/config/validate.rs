@@ -64,6 +64,7 @@ pub mod defaults {
     pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
     pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(30);
     pub const ZONE_TAG: &str = "zone";
+    pub const LEADER_TTL: Duration = Duration::from_secs(10);
     pub const SLOW_START_WINDOW: Duration = Duration::from_secs(30);
     pub const SLOW_START_FLOOR_PERCENT: u32 = 10;
     pub const SLOW_START_AGGRESSION: f64 = 1.0;
@@ -270,6 +271,10 @@ impl Validator {
         let tracing = f.tracing.map(|t| self.tracing(t));
         let uses_dns = services.values().any(|s| matches!(s.discovery, DiscoveryConfig::Dns { .. }));
         let dns = self.dns(f.dns, uses_dns);
+        let leader = f.leader.map(|l| self.leader(l, register.as_ref()));
+        if leader.is_some() && etcd.is_none() {
+            self.problem("leader", "leader election needs the top-level `etcd` block");
+        }
         Config {
             admin,
             shutdown,
@@ -282,8 +287,38 @@ impl Validator {
             access_log,
             tracing,
             dns,
+            leader,
             source: None,
         }
+    }
+
+    fn leader(&mut self, l: super::file::LeaderFile, register: Option<&RegisterConfig>) -> LeaderConfig {
+        let election = match (l.election, register) {
+            (Some(e), _) => e,
+            (None, Some(r)) => r.service.clone(),
+            (None, None) => {
+                self.problem(
+                    "leader.election",
+                    "name the election (or register the app: its service is the default)",
+                );
+                String::new()
+            }
+        };
+        if !election.is_empty() && !valid_name(&election) {
+            self.problem(
+                "leader.election",
+                format!("{election:?}: use ASCII letters, digits, '.', '_' or '-'"),
+            );
+        }
+        let secs = Duration::from_secs;
+        let ttl = self.duration("leader.ttl", l.ttl, defaults::LEADER_TTL, secs(2)..=secs(600));
+        let identity = l.identity.unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+        });
+        LeaderConfig { election: format!("outrider/election/{election}"), ttl, identity }
     }
 
     /// A config that proxies nothing is almost always a truncated or half-written file.

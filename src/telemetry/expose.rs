@@ -414,6 +414,27 @@ impl Collector for AppCollector {
                 &[(vec![], i64::from(state == "registered"))],
             )?;
         }
+        if let Some(view) = app.leadership_now() {
+            let labels = vec![("election", view.election.as_str())];
+            gauge(
+                &mut enc,
+                "outrider_leader",
+                "1 while this instance leads its election.",
+                &[(labels.clone(), i64::from(view.leader))],
+            )?;
+            gauge(
+                &mut enc,
+                "outrider_leader_term",
+                "The fencing token of this instance's term (0: not leading).",
+                &[(labels, view.term.unwrap_or(0))],
+            )?;
+            counter(
+                &mut enc,
+                "outrider_leadership_changes",
+                "Times this instance gained or lost leadership.",
+                &[(vec![], crate::leader::LEADERSHIP_CHANGES.load(Ordering::Relaxed))],
+            )?;
+        }
         let status = app.status().borrow().clone();
         counter(
             &mut enc,
