@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -43,12 +44,27 @@ pub async fn serve(socket: TcpListener, app: App, stop: CancellationToken) {
 }
 
 async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if let Some(name) = req.uri().path().strip_prefix("/locks/") {
+        return lock(app, req.method(), name, req.uri().query().unwrap_or(""), peer).await;
+    }
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/locks") => {
+            let held = app.locks().0.list().await;
+            json_response(StatusCode::OK, &json!({ "held": held }))
+        }
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => ready(app),
         (&Method::GET, "/config") => config(app).await,
         (&Method::GET, "/upstreams") => upstreams(app).await,
         (&Method::GET, "/explain") => explain(app, req.uri().query().unwrap_or("")),
+        (&Method::GET, "/jobs") => match app.jobs().await {
+            Some(jobs) => {
+                json_response(StatusCode::OK, &json!({ "jobs": jobs, "leader": app.leadership().await }))
+            }
+            None => {
+                json_response(StatusCode::NOT_FOUND, &json!({ "error": "no `leader` block in the config" }))
+            }
+        },
         (&Method::GET, "/leader") => match app.leadership().await {
             Some(view) => json_response(StatusCode::OK, &json!(view)),
             None => {
@@ -72,7 +88,8 @@ async fn route<B>(app: &App, req: Request<B>, peer: SocketAddr) -> Response<Full
         }
         (
             _,
-            "/live" | "/ready" | "/config" | "/upstreams" | "/explain" | "/leader" | "/metrics" | "/shutdown",
+            "/live" | "/ready" | "/config" | "/upstreams" | "/explain" | "/leader" | "/jobs" | "/metrics"
+            | "/shutdown",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => {
             text(StatusCode::NOT_FOUND, "not found; try /live /ready /config /upstreams /explain /metrics\n")
@@ -185,6 +202,66 @@ fn explain(app: &App, query: &str) -> Response<Full<Bytes>> {
     };
     let req = crate::routing::Request { method: &method, path: &path, headers: &headers, source };
     json_response(StatusCode::OK, &crate::proxy::explain::explain(up, &req))
+}
+
+/// `POST /locks/NAME?ttl=10s&wait=0s` acquires (wait 0: one short attempt), `DELETE` releases;
+/// loopback clients only, like every call that changes something.
+async fn lock(
+    app: &App,
+    method: &Method,
+    name: &str,
+    query: &str,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    use crate::locks::LockError;
+    if !peer.ip().to_canonical().is_loopback() {
+        return text(StatusCode::FORBIDDEN, "forbidden: locks are answered only to loopback clients\n");
+    }
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({ "error": "a lock name is letters, digits, '.', '_' or '-'" }),
+        );
+    }
+    let (locks, Some(etcd)) = app.locks() else {
+        return json_response(StatusCode::NOT_FOUND, &json!({ "error": "locks need the `etcd` block" }));
+    };
+    let (mut ttl, mut wait) = (Duration::from_secs(10), Duration::ZERO);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let parsed = humantime::parse_duration(&v);
+        match (k.as_ref(), parsed) {
+            ("ttl", Ok(d)) if (Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) => ttl = d,
+            ("wait", Ok(d)) if d <= Duration::from_secs(300) => wait = d,
+            _ => {
+                let msg = format!("{k}={v}: ttl is 2s..1h, wait 0s..5m");
+                return json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }));
+            }
+        }
+    }
+    let result = match *method {
+        Method::POST => {
+            locks.acquire(&etcd, name, ttl, wait.max(Duration::from_millis(200))).await.map(|g| json!(g))
+        }
+        Method::DELETE => locks.release(&etcd, name).await.map(|()| json!({ "released": name })),
+        _ => {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: POST acquires, DELETE releases\n",
+            );
+        }
+    };
+    match result {
+        Ok(body) => json_response(StatusCode::OK, &body),
+        Err(e) => {
+            let status = match e {
+                LockError::Busy(..) | LockError::AlreadyHeld(..) => StatusCode::CONFLICT,
+                LockError::NotHeld(_) => StatusCode::NOT_FOUND,
+                LockError::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            json_response(status, &json!({ "error": e.to_string() }))
+        }
+    }
 }
 
 fn discovery_name(d: &crate::config::DiscoveryConfig) -> &'static str {

@@ -22,14 +22,16 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LeaderConfig;
+use crate::config::{JobConfig, LeaderConfig};
 use crate::etcd::Etcd;
+use crate::jobs::{JobView, Jobs};
 
 /// The running election task.
 #[derive(Debug)]
 pub struct Leader {
-    pub config: LeaderConfig,
+    pub config: (LeaderConfig, Vec<JobConfig>),
     view: Arc<Mutex<View>>,
+    jobs: Jobs,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -51,7 +53,8 @@ pub struct View {
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 impl Leader {
-    pub(crate) fn start(config: LeaderConfig, etcd: Arc<Etcd>) -> Leader {
+    /// Campaigns for `config`'s election and runs `jobs` while leading.
+    pub(crate) fn start(config: LeaderConfig, jobs: Vec<JobConfig>, etcd: Arc<Etcd>) -> Leader {
         let view = Arc::new(Mutex::new(View {
             leader: false,
             state: "campaigning",
@@ -61,8 +64,15 @@ impl Leader {
             identity: config.identity.clone(),
         }));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(config.clone(), etcd, view.clone(), stop.clone()));
-        Leader { config, view, stop, task }
+        let (leading, watching) = tokio::sync::watch::channel(None);
+        let jobs_runner = Jobs::start(jobs.clone(), watching, stop.child_token());
+        let state = State { view: view.clone(), leading };
+        let task = tokio::spawn(run(config.clone(), etcd, state, stop.clone()));
+        Leader { config: (config, jobs), view, jobs: jobs_runner, stop, task }
+    }
+
+    pub fn jobs(&self) -> Vec<JobView> {
+        self.jobs.view()
     }
 
     pub fn view(&self) -> View {
@@ -76,7 +86,17 @@ impl Leader {
     }
 }
 
-fn set(view: &Mutex<View>, leader: bool, state: &'static str, term: Option<i64>) {
+/// Leadership as the election task keeps it: the view for `/leader`, and the current term
+/// for the job scheduler (`None`: not leading).
+struct State {
+    view: Arc<Mutex<View>>,
+    leading: tokio::sync::watch::Sender<Option<i64>>,
+}
+
+fn set(state: &State, leader: bool, name: &'static str, term: Option<i64>) {
+    // Jobs hear first: a step-down stops them before anything else is updated.
+    state.leading.send_replace(if leader { term } else { None });
+    let (view, state) = (&state.view, name);
     let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
     let since = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     if leader && !v.leader {
@@ -93,7 +113,7 @@ fn set(view: &Mutex<View>, leader: bool, state: &'static str, term: Option<i64>)
 /// Leadership changes of this process (for `/metrics`).
 pub(crate) static LEADERSHIP_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-async fn run(cfg: LeaderConfig, etcd: Arc<Etcd>, view: Arc<Mutex<View>>, stop: CancellationToken) {
+async fn run(cfg: LeaderConfig, etcd: Arc<Etcd>, view: State, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match term(&cfg, &etcd, &view, &stop).await {
@@ -112,12 +132,7 @@ async fn run(cfg: LeaderConfig, etcd: Arc<Etcd>, view: Arc<Mutex<View>>, stop: C
 }
 
 /// One lease: campaign on it, lead while it is renewed in time. `Ok` only on shutdown.
-async fn term(
-    cfg: &LeaderConfig,
-    etcd: &Etcd,
-    view: &Mutex<View>,
-    stop: &CancellationToken,
-) -> Result<(), Error> {
+async fn term(cfg: &LeaderConfig, etcd: &Etcd, view: &State, stop: &CancellationToken) -> Result<(), Error> {
     let mut client = etcd.client().await?;
     let t = etcd.config().request_timeout;
     let ttl = cfg.ttl;

@@ -548,3 +548,27 @@ leader:
     assert_problem(&all, "leader.ttl", 4, "out of range");
     assert!(all.iter().any(|p| p.message.contains("needs the top-level `etcd` block")), "{all:#?}");
 }
+
+#[test]
+fn job_mistakes_name_their_path_and_line() {
+    let yaml = "\
+allow_no_listeners: true
+listeners: []
+jobs:
+  - name: a
+    schedule: every day
+    timezone: Europe/Berlin
+    url: https://app/x
+    concurrency: sometimes
+  - name: b
+    schedule: 0 3 * * *
+    url: http://127.0.0.1:8080/b
+";
+    let all = problems(yaml);
+    assert_problem(&all, "jobs[0].schedule", 5, "not a cron schedule");
+    assert_problem(&all, "jobs[0].timezone", 6, "UTC or a fixed offset");
+    assert_problem(&all, "jobs[0].url", 7, "http:// URL");
+    assert_problem(&all, "jobs[0].concurrency", 8, "forbid or allow");
+    assert_problem(&all, "jobs", 3, "need the `leader` block");
+    assert_eq!(all.len(), 5, "{all:#?}");
+}

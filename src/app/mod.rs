@@ -88,6 +88,8 @@ struct Inner {
     registrar: Mutex<Option<Registrar>>,
     /// Leader election, when the config has a `leader` block.
     leader: Mutex<Option<Leader>>,
+    /// Locks held for the app (released on shutdown).
+    locks: crate::locks::Locks,
     /// Live overlays from etcd, laid over the file on every change and reload.
     overlays: std::sync::Mutex<overlay::Overlays>,
     telemetry: Arc<Telemetry>,
@@ -150,6 +152,7 @@ impl App {
                 sources: std::sync::Mutex::new(sources.clone()),
                 registrar: Mutex::new(None),
                 leader: Mutex::new(None),
+                locks: crate::locks::Locks::default(),
                 overlays: std::sync::Mutex::default(),
                 telemetry,
                 tls,
@@ -330,19 +333,36 @@ impl App {
     /// Starts, keeps or replaces the leader election to match `config`.
     pub(crate) async fn set_leader(&self, config: &Config) {
         let mut leader = self.inner.leader.lock().await;
-        if leader.as_ref().map(|l| &l.config) == config.leader.as_ref() {
+        let wanted = config.leader.clone().map(|l| (l, config.jobs.clone()));
+        if leader.as_ref().map(|l| &l.config) == wanted.as_ref() {
             return;
         }
         if let Some(old) = leader.take() {
             old.resign().await;
         }
         let etcd = self.sources(config).etcd;
-        *leader = config.leader.clone().zip(etcd).map(|(l, e)| Leader::start(l, e));
+        *leader = wanted.zip(etcd).map(|((l, jobs), e)| Leader::start(l, jobs, e));
     }
 
     /// Leadership now; `None` when no election is configured.
     pub async fn leadership(&self) -> Option<crate::leader::View> {
         self.inner.leader.lock().await.as_ref().map(Leader::view)
+    }
+
+    /// The app's locks, and the etcd connection they need (`None`: no `etcd` block).
+    pub(crate) fn locks(&self) -> (&crate::locks::Locks, Option<Arc<crate::etcd::Etcd>>) {
+        let config = self.runtime().config.clone();
+        (&self.inner.locks, self.sources(&config).etcd)
+    }
+
+    /// The leader-only jobs; `None` when no election is configured.
+    pub async fn jobs(&self) -> Option<Vec<crate::jobs::JobView>> {
+        self.inner.leader.lock().await.as_ref().map(Leader::jobs)
+    }
+
+    /// Like [`App::jobs`] without waiting: `None` also while a reload holds it.
+    pub fn jobs_now(&self) -> Option<Vec<crate::jobs::JobView>> {
+        self.inner.leader.try_lock().ok()?.as_ref().map(Leader::jobs)
     }
 
     /// Like [`App::leadership`] without waiting: `None` also while a reload holds it.
@@ -395,6 +415,10 @@ impl App {
         let leader = inner.leader.lock().await.take();
         if let Some(leader) = leader {
             leader.resign().await;
+        }
+        // Locks held for the app go with it (others may take them at once).
+        if let (locks, Some(etcd)) = self.locks() {
+            locks.release_all(&etcd).await;
         }
         // Peers must stop sending to us before we stop accepting: withdraw the key first.
         // Taken out first: the lock must not be held across the delay (`/upstreams` reads it).

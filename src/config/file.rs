@@ -39,6 +39,23 @@ pub struct File {
     pub zone: Option<ZoneFile>,
     /// Leader election among the app's instances.
     pub leader: Option<LeaderFile>,
+    /// Scheduled calls to the local app, made only by the leader.
+    pub jobs: Option<Vec<JobFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub name: String,
+    pub schedule: String,
+    pub timezone: Option<String>,
+    pub url: String,
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+    pub timeout: Option<String>,
+    pub concurrency: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -59,6 +59,8 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Leader election among the app's instances; needs the `etcd` block.
     pub leader: Option<LeaderConfig>,
+    /// Scheduled calls to the local app that only the leader makes; need `leader`.
+    pub jobs: Vec<JobConfig>,
     /// The text this was validated from, so etcd overlays can be laid over it again.
     #[serde(skip)]
     pub source: Option<Arc<Source>>,
@@ -75,6 +77,24 @@ pub struct LeaderConfig {
     pub ttl: Duration,
     /// What this instance announces as the leader's value (default: the host name).
     pub identity: String,
+}
+
+/// A scheduled call to the local app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobConfig {
+    pub name: String,
+    /// Six cron fields (seconds first); five given are taken with seconds 0.
+    pub schedule: String,
+    /// UTC, or a fixed offset such as +02:00.
+    pub timezone: String,
+    pub url: String,
+    pub method: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    /// A tick while the previous run still goes: skipped (`forbid`) or run too (`allow`).
+    pub forbid_overlap: bool,
 }
 
 /// A config file's text and the environment its `${VAR}`s were expanded from.

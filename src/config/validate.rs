@@ -272,6 +272,10 @@ impl Validator {
         let uses_dns = services.values().any(|s| matches!(s.discovery, DiscoveryConfig::Dns { .. }));
         let dns = self.dns(f.dns, uses_dns);
         let leader = f.leader.map(|l| self.leader(l, register.as_ref()));
+        let jobs = self.jobs(f.jobs.unwrap_or_default());
+        if !jobs.is_empty() && leader.is_none() {
+            self.problem("jobs", "jobs run on the leader only: they need the `leader` block");
+        }
         if leader.is_some() && etcd.is_none() {
             self.problem("leader", "leader election needs the top-level `etcd` block");
         }
@@ -288,6 +292,7 @@ impl Validator {
             tracing,
             dns,
             leader,
+            jobs,
             source: None,
         }
     }
@@ -319,6 +324,63 @@ impl Validator {
                 .unwrap_or_else(|| format!("pid-{}", std::process::id()))
         });
         LeaderConfig { election: format!("outrider/election/{election}"), ttl, identity }
+    }
+
+    fn jobs(&mut self, jobs: Vec<super::file::JobFile>) -> Vec<JobConfig> {
+        let mut names = HashSet::new();
+        jobs.into_iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let p = |k: &str| format!("jobs[{i}].{k}");
+                if !valid_name(&j.name) || !names.insert(j.name.clone()) {
+                    self.problem(&p("name"), format!("{:?}: a unique name of letters, digits, '.', '_' or '-'", j.name));
+                }
+                let schedule = match j.schedule.split_whitespace().count() {
+                    5 => format!("0 {}", j.schedule.trim()),
+                    _ => j.schedule.trim().to_string(),
+                };
+                if let Err(e) = crate::jobs::parse_schedule(&schedule) {
+                    self.problem(&p("schedule"), format!("{:?} is not a cron schedule (sec min hour day month weekday; seconds optional): {e}", j.schedule));
+                }
+                let timezone = j.timezone.unwrap_or_else(|| "UTC".into());
+                if crate::jobs::parse_offset(&timezone).is_none() {
+                    self.problem(&p("timezone"), format!("{timezone:?}: UTC or a fixed offset like +02:00"));
+                }
+                match j.url.parse::<http::Uri>() {
+                    Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+                    _ => self.problem(&p("url"), format!("{:?}: an http:// URL of the local app", j.url)),
+                }
+                let method = j.method.unwrap_or_else(|| "POST".into());
+                if http::Method::from_bytes(method.as_bytes()).is_err() {
+                    self.problem(&p("method"), format!("{method:?} is not a method"));
+                }
+                for (k, v) in &j.headers {
+                    if http::HeaderName::from_bytes(k.as_bytes()).is_err() || http::HeaderValue::from_str(v).is_err() {
+                        self.problem(&format!("jobs[{i}].headers.{k}"), "not a valid header");
+                    }
+                }
+                let timeout = self.duration(&p("timeout"), j.timeout, Duration::from_secs(30), Duration::from_millis(10)..=Duration::from_secs(86_400));
+                let forbid_overlap = match j.concurrency.as_deref() {
+                    None | Some("forbid") => true,
+                    Some("allow") => false,
+                    Some(other) => {
+                        self.problem(&p("concurrency"), format!("{other:?}: forbid or allow"));
+                        true
+                    }
+                };
+                JobConfig {
+                    name: j.name,
+                    schedule,
+                    timezone,
+                    url: j.url,
+                    method,
+                    headers: j.headers,
+                    body: j.body.unwrap_or_default(),
+                    timeout,
+                    forbid_overlap,
+                }
+            })
+            .collect()
     }
 
     /// A config that proxies nothing is almost always a truncated or half-written file.

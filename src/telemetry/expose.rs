@@ -435,6 +435,20 @@ impl Collector for AppCollector {
                 &[(vec![], crate::leader::LEADERSHIP_CHANGES.load(Ordering::Relaxed))],
             )?;
         }
+        if let Some(jobs) = app.jobs_now() {
+            let mut rows = Vec::new();
+            for j in &jobs {
+                for (result, n) in [
+                    ("started", j.started),
+                    ("succeeded", j.succeeded),
+                    ("failed", j.failed),
+                    ("skipped", j.skipped),
+                ] {
+                    rows.push((vec![("job", j.name.as_str()), ("result", result)], n));
+                }
+            }
+            counter(&mut enc, "outrider_job_runs", "Leader-only job runs by result.", &rows)?;
+        }
         let status = app.status().borrow().clone();
         counter(
             &mut enc,
