@@ -54,11 +54,13 @@ impl Ewma {
     }
 
     /// The estimate now, in nanoseconds: the last one decayed by the time since it was made.
+    #[cfg(test)]
     pub(crate) fn estimate(&self) -> f64 {
-        self.current(clock::now_ms())
+        self.estimate_at(clock::now_ms())
     }
 
-    fn current(&self, now: u64) -> f64 {
+    /// The estimate at `now` (`clock::now_ms`), so a pick reads the clock once.
+    pub(crate) fn estimate_at(&self, now: u64) -> f64 {
         let bits = self.rtt_ns.load(Ordering::Relaxed);
         if bits == 0 {
             return DEFAULT_RTT.as_nanos() as f64;

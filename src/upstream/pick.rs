@@ -103,7 +103,10 @@ impl Picker {
                 cumulative.partition_point(|&c| c <= point)
             }
             Picker::LeastRequest => two_choices(endpoints, lighter),
-            Picker::PeakEwma => two_choices(endpoints, faster),
+            Picker::PeakEwma => {
+                let now = crate::clock::now_ms(); // one clock read per pick, not per comparison
+                two_choices(endpoints, |a, b| faster(a, b, now))
+            }
             Picker::Ring { points, owners, index, bits } => {
                 let h = hash.unwrap_or_else(|| fastrand::u64(..));
                 let arc = (h >> (64 - bits)) as usize;
@@ -261,7 +264,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// The better endpoint by `better`: all endpoints compared when there are few (from a random
 /// start, so ties spread), otherwise the better of two random choices (P2C).
-fn two_choices(endpoints: &[Endpoint], better: fn(&Endpoint, &Endpoint) -> bool) -> usize {
+fn two_choices(endpoints: &[Endpoint], better: impl Fn(&Endpoint, &Endpoint) -> bool) -> usize {
     let n = endpoints.len();
     if n <= SCAN_ALL {
         let start = fastrand::usize(..n);
@@ -275,9 +278,9 @@ fn two_choices(endpoints: &[Endpoint], better: fn(&Endpoint, &Endpoint) -> bool)
     if better(&endpoints[b], &endpoints[a]) { b } else { a }
 }
 
-/// Peak-EWMA cost `latency × (in_flight + 1) / weight`, compared without division.
-fn faster(a: &Endpoint, b: &Endpoint) -> bool {
-    let cost = |e: &Endpoint| e.state.latency.estimate() * (e.state.in_flight() as f64 + 1.0);
+/// Peak-EWMA cost `latency × (in_flight + 1) / weight` at `now`, compared without division.
+fn faster(a: &Endpoint, b: &Endpoint, now: u64) -> bool {
+    let cost = |e: &Endpoint| e.state.latency.estimate_at(now) * (e.state.in_flight() as f64 + 1.0);
     cost(a) * f64::from(b.weight) < cost(b) * f64::from(a.weight)
 }
 
