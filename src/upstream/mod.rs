@@ -21,6 +21,7 @@ mod ramp;
 mod service;
 mod window;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -518,12 +519,19 @@ fn build(
 ) -> Snapshot {
     let whole = Selector::new();
     let subsets = if settings.subsets.is_empty() { std::slice::from_ref(&whole) } else { &settings.subsets };
-    let learned = match &settings.client_weighted {
-        Some(cfg) if settings.policy == Policy::ClientWeighted => orca::apply(cfg, &endpoints),
-        _ => endpoints.clone(),
+    // The weights picks use: learned (client_weighted), then ramped (slow start); borrowed
+    // as they are when neither applies.
+    let learned: Cow<'_, [Endpoint]> = match &settings.client_weighted {
+        Some(cfg) if settings.policy == Policy::ClientWeighted => {
+            orca::apply(cfg, &endpoints).map_or(Cow::Borrowed(&endpoints[..]), Cow::Owned)
+        }
+        _ => Cow::Borrowed(&endpoints[..]),
     };
     let (weighted, ramping) = match &settings.slow_start {
-        Some(cfg) if settings.policy != Policy::RingHash => ramp::apply(cfg, &learned),
+        Some(cfg) if settings.policy != Policy::RingHash => {
+            let (ramped, ramping) = ramp::apply(cfg, &learned);
+            (Cow::Owned(ramped), ramping)
+        }
         _ => (learned, false),
     };
     let groups = subsets

@@ -101,24 +101,22 @@ impl Load {
 }
 
 /// Weights learned from reports, in place of the configured ones (a drained endpoint stays
-/// at 0): scaled so the heaviest is 10,000; endpoints without a weight get the mean.
-pub(crate) fn apply(cfg: &ClientWeighted, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+/// at 0): scaled so the heaviest is 10,000; endpoints without a weight get the mean. `None`
+/// while no endpoint has a usable report (the configured weights stand).
+pub(crate) fn apply(cfg: &ClientWeighted, endpoints: &[Endpoint]) -> Option<Vec<Endpoint>> {
     let learned: Vec<Option<f64>> = endpoints.iter().map(|e| e.state.load.weight(cfg)).collect();
     let known: Vec<f64> = learned.iter().flatten().copied().collect();
     if known.is_empty() {
-        return endpoints.to_vec();
+        return None;
     }
     let mean = known.iter().sum::<f64>() / known.len() as f64;
     let max = known.iter().copied().fold(mean, f64::max);
-    endpoints
-        .iter()
-        .zip(learned)
-        .map(|(e, w)| {
-            let weight =
-                if e.weight == 0 { 0 } else { ((w.unwrap_or(mean) / max * 10_000.0).round() as u32).max(1) };
-            Endpoint { weight, ..e.clone() }
-        })
-        .collect()
+    let weighted = endpoints.iter().zip(learned).map(|(e, w)| {
+        let weight =
+            if e.weight == 0 { 0 } else { ((w.unwrap_or(mean) / max * 10_000.0).round() as u32).max(1) };
+        Endpoint { weight, ..e.clone() }
+    });
+    Some(weighted.collect())
 }
 
 #[cfg(test)]
@@ -169,7 +167,7 @@ mod tests {
         let eps = crate::upstream::tests::endpoints(&[1, 1, 1]);
         eps[0].state.load.record(Report { utilization: 0.9, qps: 90.0, eps: 0.0 }, &c);
         eps[1].state.load.record(Report { utilization: 0.1, qps: 90.0, eps: 0.0 }, &c);
-        let weights: Vec<u32> = apply(&c, &eps).iter().map(|e| e.weight).collect();
+        let weights: Vec<u32> = apply(&c, &eps).unwrap().iter().map(|e| e.weight).collect();
         // 100 and 900: the heaviest is 10,000, the unreported one gets the mean (500).
         assert_eq!(weights, vec![1_111, 10_000, 5_556]);
     }
