@@ -48,6 +48,8 @@ pub struct View {
     pub term: Option<i64>,
     pub election: String,
     pub identity: String,
+    /// Times this instance gained or lost leadership.
+    pub changes: u64,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -62,6 +64,7 @@ impl Leader {
             term: None,
             election: config.election.clone(),
             identity: config.identity.clone(),
+            changes: 0,
         }));
         let stop = CancellationToken::new();
         let (leading, watching) = tokio::sync::watch::channel(None);
@@ -96,22 +99,22 @@ struct State {
 fn set(state: &State, leader: bool, name: &'static str, term: Option<i64>) {
     // Jobs hear first: a step-down stops them before anything else is updated.
     state.leading.send_replace(if leader { term } else { None });
-    let (view, state) = (&state.view, name);
-    let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    if leader && !v.leader {
-        tracing::info!(election = %v.election, term = ?term, "leadership gained");
-        crate::telemetry::metrics::inc(&LEADERSHIP_CHANGES);
-    } else if !leader && v.leader {
-        tracing::warn!(election = %v.election, term = ?v.term, state, "leadership lost");
-        crate::telemetry::metrics::inc(&LEADERSHIP_CHANGES);
+    let mut v = state.view.lock().unwrap_or_else(|e| e.into_inner());
+    if leader != v.leader {
+        v.changes += 1;
+        if leader {
+            tracing::info!(election = %v.election, term = ?term, "leadership gained");
+        } else {
+            tracing::warn!(election = %v.election, term = ?v.term, state = name, "leadership lost");
+        }
     }
-    v.since = if leader { v.since.filter(|_| v.leader).or(Some(since)) } else { None };
-    (v.leader, v.state, v.term) = (leader, state, if leader { term } else { None });
+    if leader && !v.leader {
+        v.since = Some(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64));
+    } else if !leader {
+        v.since = None;
+    }
+    (v.leader, v.state, v.term) = (leader, name, if leader { term } else { None });
 }
-
-/// Leadership changes of this process (for `/metrics`).
-pub(crate) static LEADERSHIP_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn run(cfg: LeaderConfig, etcd: Arc<Etcd>, view: State, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(200);

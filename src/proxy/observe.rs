@@ -58,7 +58,7 @@ impl<'a> Exchange<'a> {
             self.endpoint_state = endpoint.state().state_name();
         }
         self.routed(attempts);
-        (self.fell_back, self.placement) = (attempts.fell_back, attempts.placement);
+        self.placement = attempts.placement;
     }
 
     /// Routing's decision (or the fallback's, once it applied).

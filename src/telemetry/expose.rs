@@ -432,7 +432,7 @@ impl Collector for AppCollector {
                 &mut enc,
                 "outrider_leadership_changes",
                 "Times this instance gained or lost leadership.",
-                &[(vec![], crate::leader::LEADERSHIP_CHANGES.load(Ordering::Relaxed))],
+                &[(vec![], view.changes)],
             )?;
         }
         if let Some(jobs) = app.jobs_now() {
