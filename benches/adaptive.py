@@ -13,29 +13,11 @@ slow start: a fourth backend is added by a reload and its share is sampled each 
 
 Needs oha (cargo install oha; benches/suite.py installs it) and a release build.
 """
-import argparse, asyncio, json, os, shutil, socket, subprocess, sys, tempfile, threading, time
+import argparse, asyncio, json, os, subprocess, tempfile, threading, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from suite import ROOT, free_port, oha_bin, wait_port
+
 BIN = os.path.join(ROOT, "target", "release", "outrider")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"port {port} never opened")
 
 
 class Backends:
@@ -92,7 +74,7 @@ def config(front, admin, policy, ports, extra=""):
 
 def oha(port, secs, rate, backends):
     """Latency percentiles (ms) of the run, and the degraded backend's share in its 2nd half."""
-    load = subprocess.Popen([shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"), "-z", f"{secs}s",
+    load = subprocess.Popen([oha_bin(), "-z", f"{secs}s",
                              "-q", str(rate), "-c", "50", "--latency-correction", "--no-tui",
                              "--output-format", "json", f"http://127.0.0.1:{port}/"],
                             stdout=subprocess.PIPE, text=True)
@@ -136,7 +118,7 @@ def slow_start(backends, ports, rate):
     shares = []
     try:
         wait_port(front)
-        load = subprocess.Popen([shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha"), "-z", "13s",
+        load = subprocess.Popen([oha_bin(), "-z", "13s",
                                  "-q", str(rate), "-c", "20", "--no-tui", f"http://127.0.0.1:{front}/"],
                                 stdout=subprocess.DEVNULL)
         time.sleep(1)

@@ -3,38 +3,11 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use http::Request;
 use http_body_util::BodyExt;
 use support::*;
-
-/// `n` requests, 16 at a time, counted by the body (the backend's name) they got back,
-/// whatever the status.
-async fn spread(url: &str, n: usize) -> HashMap<String, usize> {
-    let client = client();
-    let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..16 {
-        let (client, url) = (client.clone(), url.to_string());
-        tasks.spawn(async move {
-            let mut seen = HashMap::new();
-            for _ in (worker..n).step_by(16) {
-                let resp = client.request(Request::get(&url).body(empty()).unwrap()).await.unwrap();
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                *seen.entry(String::from_utf8_lossy(&body).into_owned()).or_insert(0) += 1;
-            }
-            seen
-        });
-    }
-    let mut total = HashMap::new();
-    while let Some(seen) = within(tasks.join_next()).await {
-        for (k, v) in seen.unwrap() {
-            *total.entry(k).or_insert(0) += v;
-        }
-    }
-    total
-}
 
 /// Peak-EWMA, with retries, ejection and the breaker out of the way.
 const PEAK_EWMA: &str = "    load_balancing: peak_ewma\n    retries: { max_attempts: 1 }\n\
@@ -50,7 +23,7 @@ async fn peak_ewma_moves_traffic_off_a_slow_backend() {
     .await;
     let app = start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (slow.addr, 1)])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 600).await;
+    let seen = spread(&url, 600, &[]).await;
     let share = seen.get("slow").copied().unwrap_or(0) as f64 / 600.0;
     println!("peak_ewma: the +50 ms backend got {:.1}% of 600 requests (round-robin: 33%)", share * 100.0);
     // Measured 0.8 %; the bound leaves room for a loaded CI machine, whose hiccups on the
@@ -65,7 +38,7 @@ async fn peak_ewma_does_not_reward_a_backend_that_fails_fast() {
     let app =
         start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (failing.addr, 1)])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 600).await;
+    let seen = spread(&url, 600, &[]).await;
     let share = seen.get("failing").copied().unwrap_or(0) as f64 / 600.0;
     println!("peak_ewma: the backend answering 503 at once got {:.1}% of 600 requests", share * 100.0);
     assert!(share < 0.10, "{seen:?}");
@@ -77,16 +50,16 @@ async fn slow_start_ramps_a_new_endpoints_share() {
     let extra = "    slow_start: { window: 6s, floor_percent: 10 }\n";
     let app = start_app(&one_service("http", extra, &[(a.addr, 1), (b.addr, 1)])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 100).await;
+    let seen = spread(&url, 100, &[]).await;
     assert_eq!(seen.len(), 2, "the first set is not new: no ramp, {seen:?}");
 
     let next = one_service("http", extra, &[(a.addr, 1), (b.addr, 1), (c.addr, 1)]);
     assert!(app.reload(outrider::config::Config::parse(&next).unwrap()).await.unwrap());
-    let early = spread(&url, 100).await;
+    let early = spread(&url, 100, &[]).await;
     let early = early.get("new").copied().unwrap_or(0) as f64 / 100.0;
     // The ramp's own clock: wait out the window, then the share is full.
     tokio::time::sleep(Duration::from_millis(6200)).await;
-    let late = spread(&url, 300).await;
+    let late = spread(&url, 300, &[]).await;
     let late = late.get("new").copied().unwrap_or(0) as f64 / 300.0;
     println!(
         "slow start: new endpoint's share {:.1}% just after it appeared, {:.1}% after the window",
@@ -115,7 +88,7 @@ async fn client_weighted_sends_less_to_the_backend_reporting_high_utilization() 
         "    load_balancing: client_weighted\n    client_weighted: { blackout: 0s, update_period: 100ms }\n";
     let app = start_app(&one_service("http", extra, &[(busy.addr, 1), (idle.addr, 1)])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    spread(&url, 20).await; // both report once
+    spread(&url, 20, &[]).await; // both report once
     let admin = format!("http://{}/upstreams", app.admin_addr());
     within(async {
         loop {
@@ -134,8 +107,9 @@ async fn client_weighted_sends_less_to_the_backend_reporting_high_utilization() 
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // one update period: the weights apply
-    let seen = spread(&url, 1000).await;
+    // The learned weights apply at the next update period: until then picks stay 1:1.
+    within(async { while spread(&url, 30, &[]).await.get("busy").copied().unwrap_or(0) > 6 {} }).await;
+    let seen = spread(&url, 1000, &[]).await;
     let busy_share = seen.get("busy").copied().unwrap_or(0) as f64 / 1000.0;
     println!(
         "client_weighted: cpu 0.9 vs 0.1 at equal qps -> busy share {:.1}% (formula: 10%)",

@@ -93,6 +93,13 @@ async fn one_leader_hands_over_on_sigterm_and_is_replaced_after_a_crash() {
     for _ in 0..20 {
         assert!(leaders(&admins).await.len() <= 1, "two leaders at once");
     }
+    let (_, _, metrics) = get(&client(), &format!("http://{}/metrics", admins[first])).await;
+    assert!(metrics.contains("outrider_leader{election=\"outrider/election/reports\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("outrider_leader_term{{election=\"outrider/election/reports\"}} {term1}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outrider_leadership_changes_total 1"), "{metrics}");
 
     // SIGTERM: the leader resigns first; another leads within a second.
     let sent = Instant::now();

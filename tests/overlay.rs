@@ -59,6 +59,22 @@ async fn admin_config(app: &App) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Waits until `/config` shows an error containing `needle` for `service`'s overlay.
+async fn overlay_error(app: &App, service: &str, needle: &str) -> String {
+    within(async {
+        loop {
+            let c = admin_config(app).await;
+            if let Some(e) =
+                c["overlays"]["services"][service]["error"].as_str().filter(|e| e.contains(needle))
+            {
+                return e.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overlay_moves_the_split_within_a_second_and_delete_restores_the_file() {
     let etcd = Etcd::start().await;
@@ -121,16 +137,7 @@ async fn an_invalid_overlay_changes_nothing_and_is_reported_with_its_key_and_lin
 
     // Valid YAML, invalid values: the file's messages, located in the overlay.
     kv.put(KEY, "retries:\n  max_attempts: 3\ntimeouts:\n  connect: soon\n", None).await.unwrap();
-    let error = within(async {
-        loop {
-            let c = admin_config(&app).await;
-            if let Some(e) = c["overlays"]["services"]["pay"]["error"].as_str() {
-                return e.to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let error = overlay_error(&app, "pay", "").await;
     assert!(
         error.contains("etcd key outrider/overlay/pay: timeouts.connect (line 4, column 3)")
             && error.contains("not a duration"),
@@ -147,25 +154,9 @@ async fn an_invalid_overlay_changes_nothing_and_is_reported_with_its_key_and_lin
 
     // Unknown settings and other services' problems are refused the same way.
     kv.put(KEY, "colour: blue\n", None).await.unwrap();
-    within(async {
-        while !admin_config(&app).await["overlays"]["services"]["pay"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("colour"))
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    overlay_error(&app, "pay", "colour").await;
     kv.put("outrider/overlay/nosuch", "load_balancing: least_request\n", None).await.unwrap();
-    within(async {
-        while !admin_config(&app).await["overlays"]["services"]["nosuch"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no service \"nosuch\""))
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    overlay_error(&app, "nosuch", "no service \"nosuch\"").await;
     assert_eq!(split(&app, 10).await, (5, 5));
 }
 

@@ -66,38 +66,6 @@ async fn until_explained(app: &outrider::app::App, query: &str, done: impl Fn(&V
     .await;
 }
 
-/// `n` requests, 16 at a time, counted by the body (the backend's name) they got back.
-async fn spread(url: &str, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
-    let client = client();
-    let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..16 {
-        let (client, url) = (client.clone(), url.to_string());
-        let headers: Vec<(String, String)> =
-            headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        tasks.spawn(async move {
-            let mut seen = HashMap::new();
-            for _ in (worker..n).step_by(16) {
-                let mut req = Request::get(&url);
-                for (k, v) in &headers {
-                    req = req.header(k, v);
-                }
-                let resp = client.request(req.body(empty()).unwrap()).await.unwrap();
-                assert_eq!(resp.status(), 200);
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                *seen.entry(String::from_utf8_lossy(&body).into_owned()).or_insert(0) += 1;
-            }
-            seen
-        });
-    }
-    let mut total = HashMap::new();
-    while let Some(seen) = within(tasks.join_next()).await {
-        for (k, v) in seen.unwrap() {
-            *total.entry(k).or_insert(0) += v;
-        }
-    }
-    total
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_route_sends_to_its_subset_and_explain_agrees() {
     let (v1a, v1b, v2) = (Backend::named("v1").await, Backend::named("v1").await, Backend::named("v2").await);
@@ -109,7 +77,7 @@ async fn a_header_route_sends_to_its_subset_and_explain_agrees() {
     for _ in 0..30 {
         assert_eq!(call(&url, &[("x-beta", "yes")]).await.1, "v2");
     }
-    let others = spread(&url, 60, &[("x-beta", "no")]).await;
+    let others = spread_ok(&url, 60, &[("x-beta", "no")]).await;
     assert!(others["v1"] > 0 && others["v2"] > 0, "no match: the whole service {others:?}");
 
     let e = explain(&app, "header=x-beta:yes&path=/checkout").await;
@@ -130,7 +98,7 @@ async fn a_95_5_split_holds_within_one_and_a_half_percent_over_20000_requests() 
                   \x20         - { to: { version: v2 }, weight: 5 }\n";
     let app = start_app(&config("", routes, &[ep(v1.addr, "version: v1"), ep(v2.addr, "version: v2")])).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 20_000, &[]).await;
+    let seen = spread_ok(&url, 20_000, &[]).await;
     let canary = seen["v2"] as f64 / 20_000.0 * 100.0;
     println!("canary share over 20000 requests: {canary:.2}% (configured 5%)");
     assert!((3.5..=6.5).contains(&canary), "canary got {canary:.2}%");
@@ -165,7 +133,7 @@ async fn fallbacks_service_subset_and_fail() {
                   \x20     - { name: to-nothing, match: { path_prefix: /c }, to: { version: v9 }, fallback: fail }\n";
     let app = start_app(&config("", routes, &[ep(v1.addr, "version: v1"), ep(v2.addr, "version: v2")])).await;
     let front = app.listener_addr("front").await.unwrap();
-    let seen = spread(&format!("http://{front}/a"), 20, &[]).await;
+    let seen = spread_ok(&format!("http://{front}/a"), 20, &[]).await;
     assert_eq!(seen.values().sum::<usize>(), 20);
     assert!(seen.contains_key("v1") && seen.contains_key("v2"), "fallback service: {seen:?}");
     for _ in 0..10 {
@@ -244,7 +212,7 @@ async fn zone_preference_stays_local_then_spills_in_proportion() {
                  healthy_threshold: 1, unhealthy_threshold: 1 }\n";
     let app = start_app(&config(top, extra, &eps)).await;
     let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 300, &[]).await;
+    let seen = spread_ok(&url, 300, &[]).await;
     let local: usize = ["a1", "a2", "a3"].iter().filter_map(|n| seen.get(*n)).sum();
     assert_eq!(local, 300, "a healthy local zone keeps everything: {seen:?}");
 
@@ -252,7 +220,7 @@ async fn zone_preference_stays_local_then_spills_in_proportion() {
     // keeps (2/5)/(3/6) = 80% and the rest spills to zone b.
     backends[0].1.store(500, Ordering::SeqCst);
     until_explained(&app, "", |e| e["subsets"][0]["locality"]["local_percent"] == 80.0).await;
-    let seen = spread(&url, 4000, &[]).await;
+    let seen = spread_ok(&url, 4000, &[]).await;
     let local: usize = ["a2", "a3"].iter().filter_map(|n| seen.get(*n)).sum();
     let share = local as f64 / 4000.0;
     println!("local share with 1 of 3 local endpoints down: {:.1}% (rule: 80%)", share * 100.0);
@@ -263,7 +231,7 @@ async fn zone_preference_stays_local_then_spills_in_proportion() {
     backends[1].1.store(500, Ordering::SeqCst);
     backends[2].1.store(500, Ordering::SeqCst);
     until_explained(&app, "", |e| e["subsets"][0]["locality"]["local_percent"] == 0.0).await;
-    let seen = spread(&url, 60, &[]).await;
+    let seen = spread_ok(&url, 60, &[]).await;
     assert!(seen.keys().all(|k| k.starts_with('b')), "{seen:?}");
 }
 

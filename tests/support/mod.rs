@@ -2,6 +2,7 @@
 //! Outrider started from YAML text.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -226,6 +227,55 @@ pub async fn get(client: &Client<HttpConnector, TestBody>, url: &str) -> (u16, h
     let headers = resp.headers().clone();
     let body = within(resp.into_body().collect()).await.expect("body").to_bytes();
     (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `n` GETs of `url` with `headers`, 16 at a time, counted by (status, body) — a test
+/// backend's body is its name.
+pub async fn tally(url: &str, n: usize, headers: &[(&str, &str)]) -> HashMap<(u16, String), usize> {
+    let client = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (client, url) = (client.clone(), url.to_string());
+        let headers: Vec<(String, String)> =
+            headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        tasks.spawn(async move {
+            let mut seen = HashMap::new();
+            for _ in (worker..n).step_by(16) {
+                let mut req = Request::get(&url);
+                for (k, v) in &headers {
+                    req = req.header(k, v);
+                }
+                let resp = client.request(req.body(empty()).unwrap()).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                *seen.entry((status, String::from_utf8_lossy(&body).into_owned())).or_insert(0) += 1;
+            }
+            seen
+        });
+    }
+    let mut total = HashMap::new();
+    while let Some(seen) = within(tasks.join_next()).await {
+        for (k, v) in seen.unwrap() {
+            *total.entry(k).or_insert(0) += v;
+        }
+    }
+    total
+}
+
+/// Like [`tally`], counted by body whatever the status.
+pub async fn spread(url: &str, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
+    let mut bodies = HashMap::new();
+    for ((_, body), count) in tally(url, n, headers).await {
+        *bodies.entry(body).or_insert(0) += count;
+    }
+    bodies
+}
+
+/// Like [`spread`], asserting that every answer was 200.
+pub async fn spread_ok(url: &str, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
+    let seen = tally(url, n, headers).await;
+    assert!(seen.keys().all(|(status, _)| *status == 200), "not all 200: {seen:?}");
+    seen.into_iter().map(|((_, body), count)| (body, count)).collect()
 }
 
 /// A stream of ready items (e.g. body frames for `http_body_util::StreamBody`).
