@@ -7,7 +7,6 @@
 //! the job still goes is skipped. Every run is logged and counted.
 //! Must not: run a tick without a valid leadership, or block the election on a slow app.
 
-use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -21,32 +20,10 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::JobConfig;
+use crate::config::{JobConfig, parse_offset, parse_schedule};
 
 /// The header carrying the term's fencing token on every job call.
 pub const FENCING_HEADER: &str = "x-outrider-fencing-token";
-
-pub(crate) fn parse_schedule(s: &str) -> Result<cron::Schedule, cron::error::Error> {
-    cron::Schedule::from_str(s)
-}
-
-/// `UTC` (or `Z`) or a fixed offset `+HH:MM` / `-HH:MM`.
-pub(crate) fn parse_offset(tz: &str) -> Option<FixedOffset> {
-    if tz.eq_ignore_ascii_case("utc") || tz == "Z" {
-        return FixedOffset::east_opt(0);
-    }
-    let (sign, rest) = match tz.as_bytes().first()? {
-        b'+' => (1, &tz[1..]),
-        b'-' => (-1, &tz[1..]),
-        _ => return None,
-    };
-    let (h, m) = rest.split_once(':')?;
-    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
-    if h > 23 || m > 59 {
-        return None;
-    }
-    FixedOffset::east_opt(sign * (h * 3600 + m * 60))
-}
 
 /// One job as `/jobs` shows it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -215,19 +192,4 @@ async fn call(
     tokio::time::timeout(job.timeout, answer)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", job.timeout)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_and_schedules() {
-        assert_eq!(parse_offset("UTC"), FixedOffset::east_opt(0));
-        assert_eq!(parse_offset("+02:00"), FixedOffset::east_opt(7200));
-        assert_eq!(parse_offset("-05:30"), FixedOffset::east_opt(-(5 * 3600 + 1800)));
-        assert!(parse_offset("Europe/Berlin").is_none() && parse_offset("+25:00").is_none());
-        assert!(parse_schedule("*/5 * * * * *").is_ok());
-        assert!(parse_schedule("not cron").is_err());
-    }
 }

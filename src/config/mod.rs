@@ -12,6 +12,7 @@ mod inbound;
 mod locate;
 mod resilience;
 mod routing;
+mod schedule;
 mod services;
 mod telemetry;
 mod tls;
@@ -34,6 +35,7 @@ pub use routing::{
     Fallback, HashKey, HeaderMatch, HeaderTest, LocalityRule, Match, Pattern, RetryScope, Route, Routing,
     Selector, Share,
 };
+pub(crate) use schedule::{parse_offset, parse_schedule};
 pub use telemetry::*;
 pub use tls::{ListenerTls, TlsVersion, UpstreamTls, default_alpn};
 pub use validate::{Problem, defaults};

@@ -339,11 +339,11 @@ impl Validator {
                     5 => format!("0 {}", j.schedule.trim()),
                     _ => j.schedule.trim().to_string(),
                 };
-                if let Err(e) = crate::jobs::parse_schedule(&schedule) {
+                if let Err(e) = super::parse_schedule(&schedule) {
                     self.problem(&p("schedule"), format!("{:?} is not a cron schedule (sec min hour day month weekday; seconds optional): {e}", j.schedule));
                 }
                 let timezone = j.timezone.unwrap_or_else(|| "UTC".into());
-                if crate::jobs::parse_offset(&timezone).is_none() {
+                if super::parse_offset(&timezone).is_none() {
                     self.problem(&p("timezone"), format!("{timezone:?}: UTC or a fixed offset like +02:00"));
                 }
                 match j.url.parse::<http::Uri>() {
