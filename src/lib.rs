@@ -6,7 +6,7 @@
 //! - [`upstream`]: the live endpoint set of a service and the pickers that choose from it.
 //! - [`discovery`]: sources that hand a whole endpoint set to an `upstream::Balancer`.
 //! - [`proxy`]: listeners; HTTP (L7) and TCP (L4) forwarding; the upstream HTTP client.
-//! - [`admin`]: `/live`, `/ready`, `/config`, `/upstreams`, `POST /shutdown`.
+//! - [`admin`]: the dashboard, `/metrics`, probes and introspection, `POST /shutdown`.
 //! - [`app`]: wiring, hot reload, graceful shutdown.
 //!
 //! See ARCHITECTURE.md for the invariants that hold these together.
@@ -30,6 +30,7 @@ mod proxy;
 mod register;
 pub mod routing;
 mod server;
+pub mod status_cli;
 pub mod telemetry;
 mod tls;
 pub mod upstream;

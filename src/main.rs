@@ -1,4 +1,4 @@
-//! The `outrider` command: `run`, `check` and `demo`. Owns process concerns only — argument
+//! The `outrider` command: `run`, `check`, `demo`, `overlay` and `status`. Owns process concerns only — argument
 //! parsing, logging, signals, exit codes; everything else lives in the library.
 
 use std::path::PathBuf;
@@ -37,6 +37,22 @@ enum Command {
     Overlay {
         #[command(subcommand)]
         action: OverlayCmd,
+    },
+    /// Show a running Outrider's services and endpoints: state, request rate, success rate
+    /// and latency (read from its admin API).
+    Status {
+        /// The admin API's address (host:port).
+        #[arg(long, env = "OUTRIDER_ADMIN", default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// Refresh until interrupted.
+        #[arg(long, short)]
+        watch: bool,
+        /// How often `--watch` refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print JSON for scripts (the dashboard's data without its chart series).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -88,6 +104,35 @@ async fn overlay(cmd: OverlayCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn status(admin: &str, watch: bool, interval: std::time::Duration, json: bool) -> anyhow::Result<()> {
+    use outrider::status_cli;
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    let colour = terminal && std::env::var_os("NO_COLOR").is_none();
+    loop {
+        let overview = status_cli::fetch(admin).await?;
+        let text = if json {
+            serde_json::to_string_pretty(&status_cli::for_scripts(overview))? + "\n"
+        } else {
+            status_cli::render(&overview, colour)
+        };
+        let mut stdout = std::io::stdout().lock();
+        if watch && terminal && !json {
+            write!(stdout, "\x1b[2J\x1b[H")?; // clear the screen, cursor home
+        }
+        stdout.write_all(text.as_bytes())?;
+        stdout.flush()?;
+        if !watch {
+            return Ok(());
+        }
+        drop(stdout);
+        tokio::time::sleep(interval).await;
+        if !terminal {
+            println!();
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -95,6 +140,9 @@ fn main() -> ExitCode {
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
         Command::Overlay { action } => runtime().and_then(|rt| rt.block_on(overlay(action))),
+        Command::Status { admin, watch, interval, json } => {
+            runtime().and_then(|rt| rt.block_on(status(&admin, watch, interval, json)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 
 mod overlay;
 mod reload;
+mod views;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub struct Status {
     pub tls_rotations: u64,
     /// Re-reads of TLS files that failed (the old material stayed).
     pub tls_reload_failures: u64,
+    /// The last reload failed (until one succeeds).
+    pub last_reload_failed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +176,8 @@ impl App {
         app.set_leader(&app.runtime().config).await;
         app.set_overlay_watch(&app.runtime().config);
         let admin_stop = CancellationToken::new();
-        tokio::spawn(crate::admin::serve(admin_socket, app.clone(), admin_stop.clone()));
+        let (limits, metrics) = (app.config().admin.limits.clone(), app.inner.admin_metrics.clone());
+        tokio::spawn(crate::admin::serve(admin_socket, app.admin(), limits, metrics, admin_stop.clone()));
         tokio::spawn(app.clone().lifecycle(admin_stop));
         tokio::spawn(app.clone().expiry_warnings());
         tracing::info!(admin = %admin_addr, "outrider started");
@@ -231,9 +235,15 @@ impl App {
         &self.inner.tls
     }
 
-    /// What `/metrics` would answer now (Prometheus text).
+    /// What `/metrics` answers a scrape that does not ask for OpenMetrics (Prometheus text).
     pub fn metrics_text(&self) -> String {
-        crate::telemetry::expose::render(self)
+        crate::admin::metrics::prometheus_text(&crate::admin::metrics::render(self.clone()))
+    }
+
+    /// The admin API over this instance (what the admin port serves).
+    pub(crate) fn admin(&self) -> crate::admin::Admin<App> {
+        let app = self.clone();
+        crate::admin::Admin::new(self.clone(), std::sync::Arc::new(move || app.shutdown(false)))
     }
 
     /// A service's request counters, kept across reloads.
@@ -260,11 +270,6 @@ impl App {
             listeners.iter().map(|l| (l.config.name.clone(), l.front.metrics.clone())).collect();
         all.push(("admin".to_string(), self.inner.admin_metrics.clone()));
         self.inner.inbound.store(Arc::new(all));
-    }
-
-    /// The admin port's connection counters.
-    pub(crate) fn admin_metrics(&self) -> &Arc<InboundMetrics> {
-        &self.inner.admin_metrics
     }
 
     /// The bound address of a listener (useful when the config says port 0).

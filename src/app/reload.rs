@@ -64,6 +64,7 @@ impl App {
         tracing::error!(path = %path.display(), "config reload failed; keeping the running config:\n{error}");
         self.inner.status.send_modify(|s| {
             s.reload_failures += 1;
+            s.last_reload_failed = true;
             s.last_reload_error = Some(error.to_string());
         });
     }
@@ -118,6 +119,7 @@ impl App {
         self.inner.status.send_modify(|s| {
             s.generation = generation;
             s.hash = hash;
+            s.last_reload_failed = false;
         });
         tracing::info!(generation, "config reloaded");
         Ok(true)

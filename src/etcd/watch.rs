@@ -40,6 +40,11 @@ impl WatchStatus {
         self.lock().0 = state;
     }
 
+    /// connecting, watching, disconnected (or snapshot: serving the saved set).
+    pub fn state(&self) -> &'static str {
+        self.lock().0
+    }
+
     fn updated(&self, revision: i64) {
         self.revision.store(revision, Ordering::Relaxed);
         self.lock().1 = Some(SystemTime::now());

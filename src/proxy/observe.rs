@@ -3,6 +3,7 @@
 //! Must not: build strings for spans nobody samples.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::Request;
@@ -137,6 +138,7 @@ pub(super) fn record_attempt(
         Outcome::Failed(_) => None,
     };
     in_flight.state().requests.add(ex.method, metrics::status_class(status));
+    in_flight.state().attempt_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     match outcome {
         Outcome::Failed(ProxyError::Connect(..)) => metrics::inc(&up.metrics.connect_errors),
         Outcome::Failed(ProxyError::Tls(_, failure, _)) => {

@@ -39,6 +39,21 @@ impl Matrix {
         self.0[method][class].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// (all, failed): every count, and those of class 5xx or error.
+    pub fn totals(&self) -> (u64, u64) {
+        let (mut all, mut failed) = (0, 0);
+        for row in &self.0 {
+            for (class, n) in row.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                all += n;
+                if class >= 4 {
+                    failed += n;
+                }
+            }
+        }
+        (all, failed)
+    }
+
     /// Non-zero cells as (method, class, count).
     pub fn cells(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
         (0..6).flat_map(move |m| {

@@ -1,11 +1,11 @@
 //! Telemetry: logs, access logs, traces, and the counters behind `/metrics`.
 //!
 //! Owns: process-wide logging setup, the [`Telemetry`] an `App` hands to every upstream,
-//! and metric types. Must not: cost the request path more than atomic adds when a signal is
-//! off (no tracer → no span work; access log off → nothing built).
+//! and metric types (their exposition is the admin server's). Depends on `config` and
+//! `tls` only. Must not: cost the request path more than atomic adds when a signal is off
+//! (no tracer → no span work; access log off → nothing built).
 
 pub(crate) mod access;
-pub(crate) mod expose;
 pub mod metrics;
 pub(crate) mod trace;
 

@@ -96,12 +96,18 @@ pub struct EndpointState {
     pub(crate) authority: Authority,
     /// Attempts sent here, by method and status class (for `/metrics`).
     pub(crate) requests: Matrix,
+    /// Time spent in those attempts, until response headers or failure (the dashboard's
+    /// mean latency per endpoint).
+    pub(crate) attempt_micros: AtomicU64,
     /// Connections to this endpoint (and the TLS name from its `server_name` tag).
     pub(crate) pool: Pool,
     /// When this Outrider first saw it (`clock::now_ms`); `None`: in the first set the
     /// service received, so not new (slow start).
     pub(crate) seen_ms: Option<u64>,
 }
+
+/// What an endpoint can be, as `/upstreams`, `/metrics` and the dashboard name it.
+pub const STATES: [&str; 5] = ["active", "probing", "ejected", "unhealthy", "draining"];
 
 /// An endpoint as one snapshot sees it: its current weight and tags plus its shared state.
 #[derive(Debug, Clone)]
@@ -200,6 +206,7 @@ impl EndpointState {
             latency: ewma::Ewma::default(),
             load: orca::Load::default(),
             requests: Matrix::default(),
+            attempt_micros: AtomicU64::new(0),
             pool: Pool::default(),
             seen_ms,
         }
@@ -220,6 +227,7 @@ impl EndpointState {
         self.health.is_healthy() && matches!(self.health.ejection(), Ejection::Active | Ejection::Probing)
     }
 
+    /// One of [`STATES`] but `draining` (that is the weight's, not the endpoint's).
     pub fn state_name(&self) -> &'static str {
         match (self.health.is_healthy(), self.health.ejection()) {
             (false, _) => "unhealthy",
@@ -356,11 +364,22 @@ impl Balancer {
     }
 
     pub fn describe_learning(&self, learning: Option<&ClientWeighted>) -> Vec<EndpointView> {
-        self.snapshot
-            .load()
-            .endpoints
+        let snap = self.snapshot.load();
+        // The weights the whole service's picker uses now (ramped, learned; 0: not routable).
+        let routable: HashMap<SocketAddr, u64> = snap
+            .groups
+            .first()
+            .map(|g| g.all.endpoints.iter().map(|e| (e.addr, u64::from(e.weight))).collect())
+            .unwrap_or_default();
+        let total: u64 = routable.values().sum();
+        let share = |addr: SocketAddr| match routable.get(&addr) {
+            Some(w) if total > 0 => *w as f64 / total as f64,
+            _ => 0.0,
+        };
+        snap.endpoints
             .iter()
             .map(|e| EndpointView {
+                share: share(e.addr),
                 learned_weight: learning.and_then(|c| e.state.load.weight(c)),
                 addr: e.addr,
                 weight: e.weight,
@@ -627,6 +646,9 @@ pub struct EndpointView {
     pub state: &'static str,
     pub consecutive_failures: u32,
     pub times_ejected: u32,
+    /// Of the service's picks (no routes, no zone preference): this endpoint's effective
+    /// weight — after ejection, health, draining, slow start and learned weights — over all.
+    pub share: f64,
     /// Under `client_weighted`: the weight learned from the endpoint's load reports (`None`:
     /// no usable report, so it gets the mean).
     #[serde(skip_serializing_if = "Option::is_none")]

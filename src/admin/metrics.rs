@@ -1,5 +1,7 @@
 //! `/metrics`: every counter and gauge, encoded with prometheus-client at scrape time from
-//! the live state of an [`App`]. Endpoint labels come from the endpoints that exist now.
+//! the live state the admin [`Views`] give. Endpoint labels come from the endpoints that
+//! exist now. A scrape that accepts OpenMetrics gets it; any other gets the Prometheus text
+//! format 0.0.4 (what promtool's linter and older scrapers parse), converted from it.
 
 use std::sync::atomic::Ordering;
 
@@ -10,13 +12,32 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use super::metrics::{Histogram, get};
-use crate::app::App;
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::Full;
 
-/// Renders the exposition text for one scrape.
-pub fn render(app: &App) -> String {
+use super::Views;
+use crate::telemetry::metrics::{Histogram, get};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The `/metrics` answer, in the format the scrape's `Accept` header asks for.
+pub(super) fn respond(views: &impl Views, accept: Option<&HeaderValue>) -> Response<Full<Bytes>> {
+    let openmetrics =
+        accept.and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("application/openmetrics-text"));
+    let body = render(views.clone());
+    let (body, content_type) =
+        if openmetrics { (body, OPENMETRICS) } else { (prometheus_text(&body), PROMETHEUS_TEXT) };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The exposition for one scrape, in OpenMetrics.
+pub(crate) fn render<V: Views>(views: V) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(AppCollector(app.clone())));
+    registry.register_collector(Box::new(Scrape(views)));
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         out.clear();
@@ -24,8 +45,41 @@ pub fn render(app: &App) -> String {
     out
 }
 
-#[derive(Debug)]
-struct AppCollector(App);
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter's family is named with
+/// its `_total` suffix, `info` becomes a gauge named `_info`, and `# EOF` / `# UNIT` go.
+pub(crate) fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{family}_total"), "counter"),
+                "info" => (format!("{family}_info"), "gauge"),
+                "unknown" => (family.to_string(), "untyped"),
+                other => (family.to_string(), other),
+            };
+            if let Some((_, text)) = help.take().filter(|(h, _)| *h == family) {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if !(line.starts_with("# EOF") || line.starts_with("# UNIT ")) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+struct Scrape<V>(V);
+
+impl<V> std::fmt::Debug for Scrape<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
@@ -79,11 +133,11 @@ fn histogram(
     Ok(())
 }
 
-impl Collector for AppCollector {
+impl<V: Views> Collector for Scrape<V> {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let app = &self.0;
-        let runtime = app.runtime();
-        let ups: Vec<_> = runtime.upstreams.iter().collect();
+        let views = &self.0;
+        let generation = views.generation();
+        let ups: Vec<_> = generation.services.iter().map(|(n, up)| (n, up)).collect();
 
         let mut rows = Vec::new();
         for (name, up) in &ups {
@@ -253,6 +307,20 @@ impl Collector for AppCollector {
             })
             .collect();
         gauge(&mut enc, "outrider_endpoints_ejected", "Endpoints currently ejected.", &rows)?;
+        let mut rows = Vec::new();
+        for (n, up) in &ups {
+            let described = up.balancer.describe();
+            for state in crate::upstream::STATES {
+                let count = described.iter().filter(|e| e.state == state).count();
+                rows.push((vec![("service", n.as_str()), ("state", state)], count as i64));
+            }
+        }
+        gauge(
+            &mut enc,
+            "outrider_endpoints",
+            "Endpoints discovered, by state (active, probing, ejected, unhealthy, draining).",
+            &rows,
+        )?;
         let rows: Vec<_> = ups
             .iter()
             .map(|(n, up)| {
@@ -271,6 +339,14 @@ impl Collector for AppCollector {
         let rows: Vec<_> =
             watches.iter().map(|(n, w)| (svc(n), w.revision.load(Ordering::Relaxed))).collect();
         gauge(&mut enc, "outrider_discovery_revision", "etcd revision of the last endpoint set.", &rows)?;
+        let rows: Vec<_> =
+            watches.iter().map(|(n, w)| (svc(n), i64::from(w.state() == "watching"))).collect();
+        gauge(
+            &mut enc,
+            "outrider_discovery_watching",
+            "1 while the etcd watch is established (0: connecting, disconnected or snapshot).",
+            &rows,
+        )?;
         let rows: Vec<_> = watches
             .iter()
             .map(|(n, w)| (svc(n), w.seconds_since_update().map_or(-1, |s| s as i64)))
@@ -334,7 +410,7 @@ impl Collector for AppCollector {
             &rows,
         )?;
 
-        if let Some(refused) = app.overlay_failures() {
+        if let Some(refused) = views.overlay_failures() {
             counter(
                 &mut enc,
                 "outrider_overlay_refused",
@@ -343,7 +419,7 @@ impl Collector for AppCollector {
             )?;
         }
 
-        let inbound = app.inbound_metrics();
+        let inbound = views.inbound();
         let rows: Vec<_> =
             inbound.iter().map(|(n, m)| (vec![("listener", n.as_str())], get(&m.accepted))).collect();
         counter(
@@ -387,7 +463,7 @@ impl Collector for AppCollector {
             "TLS handshakes a listener refused, by reason.",
             &rows,
         )?;
-        let certs = app.tls().certificates();
+        let certs = views.tls().certificates();
         let rows: Vec<_> = certs
             .iter()
             .map(|(file, i)| {
@@ -404,9 +480,9 @@ impl Collector for AppCollector {
             &mut enc,
             "outrider_tls_reload_failures",
             "TLS files that failed to load on rotation (the old material stayed).",
-            &[(vec![], app.tls().failures.load(Ordering::Relaxed))],
+            &[(vec![], views.tls().failures.load(Ordering::Relaxed))],
         )?;
-        if let Some(state) = app.registration_state_now() {
+        if let Some(state) = views.registration_now() {
             gauge(
                 &mut enc,
                 "outrider_registration_registered",
@@ -414,7 +490,7 @@ impl Collector for AppCollector {
                 &[(vec![], i64::from(state == "registered"))],
             )?;
         }
-        if let Some(view) = app.leadership_now() {
+        if let Some(view) = views.leadership_now() {
             let labels = vec![("election", view.election.as_str())];
             gauge(
                 &mut enc,
@@ -435,7 +511,7 @@ impl Collector for AppCollector {
                 &[(vec![], view.changes)],
             )?;
         }
-        if let Some(jobs) = app.jobs_now() {
+        if let Some(jobs) = views.jobs_now() {
             let mut rows = Vec::new();
             for j in &jobs {
                 for (result, n) in [
@@ -449,23 +525,29 @@ impl Collector for AppCollector {
             }
             counter(&mut enc, "outrider_job_runs", "Leader-only job runs by result.", &rows)?;
         }
-        let status = app.status().borrow().clone();
+        let reloads = views.reloads();
         counter(
             &mut enc,
             "outrider_config_reloads",
             "Config reloads by result.",
             &[
-                (vec![("result", "success")], status.generation.saturating_sub(1)),
-                (vec![("result", "failure")], status.reload_failures),
+                (vec![("result", "success")], reloads.succeeded),
+                (vec![("result", "failure")], reloads.failed),
             ],
+        )?;
+        gauge(
+            &mut enc,
+            "outrider_config_last_reload_failed",
+            "1 while the last config reload failed (the previous config still runs).",
+            &[(vec![], i64::from(reloads.last_failed))],
         )?;
         gauge(
             &mut enc,
             "outrider_config_generation",
             "Generation of the running config.",
-            &[(vec![], status.generation as i64)],
+            &[(vec![], generation.number as i64)],
         )?;
-        if let Some(log) = &app.telemetry().access {
+        if let Some(log) = &views.telemetry().access {
             counter(
                 &mut enc,
                 "outrider_access_log_dropped",
@@ -473,7 +555,7 @@ impl Collector for AppCollector {
                 &[(vec![], log.dropped.load(Ordering::Relaxed))],
             )?;
         }
-        if let Some(t) = &app.telemetry().tracing {
+        if let Some(t) = &views.telemetry().tracing {
             counter(
                 &mut enc,
                 "outrider_trace_spans_dropped",
