@@ -33,8 +33,17 @@ pub(super) fn page() -> Response<Full<Bytes>> {
     resp
 }
 
+/// `/dashboard.json`: compact, since the page asks every second.
+pub(super) async fn data(views: &impl Views, history: &History) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&overview(views, history).await).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 /// Everything the page shows, now.
-pub(super) async fn overview(views: &impl Views, history: &History) -> Value {
+async fn overview(views: &impl Views, history: &History) -> Value {
     let generation = views.generation();
     let reloads = views.reloads();
     let mut discovery = views.discovery().await;

@@ -130,11 +130,12 @@ impl History {
         };
         let mut chart = Chart::default();
         for ((t0, a), (t1, b)) in series.points.iter().zip(series.points.iter().skip(1)) {
+            // Rounded: the page polls this every second, and a chart needs no more digits.
             let r = rates(a, b, *t1 - *t0);
-            chart.t.push(-(now - *t1).as_secs_f64());
-            chart.rps.push(r.rps);
-            chart.success_rate.push(r.success_rate);
-            chart.p99_ms.push(r.p99_ms);
+            chart.t.push(round(-(now - *t1).as_secs_f64(), 10.0));
+            chart.rps.push(round(r.rps, 100.0));
+            chart.success_rate.push(r.success_rate.map(|s| round(s, 10_000.0)));
+            chart.p99_ms.push(r.p99_ms.map(|ms| round(ms, 1000.0)));
         }
         Some((window, chart))
     }
@@ -180,6 +181,10 @@ impl Series {
         }
         self.endpoints.retain(|addr, _| seen.contains(addr));
     }
+}
+
+fn round(x: f64, per_unit: f64) -> f64 {
+    (x * per_unit).round() / per_unit
 }
 
 fn push<T>(ring: &mut VecDeque<T>, item: T, cap: usize) {

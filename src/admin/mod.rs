@@ -195,9 +195,7 @@ impl<V: Views> Admin<V> {
         }
         match (&req.method, req.uri.path()) {
             (&Method::GET, "/") => dashboard::page(),
-            (&Method::GET, "/dashboard.json") => {
-                json_response(StatusCode::OK, &dashboard::overview(views, &self.shared.history).await)
-            }
+            (&Method::GET, "/dashboard.json") => dashboard::data(views, &self.shared.history).await,
             (&Method::GET, "/locks") => {
                 let held = views.locks().0.list().await;
                 json_response(StatusCode::OK, &json!({ "held": held }))
