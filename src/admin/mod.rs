@@ -115,9 +115,11 @@ impl<V> Clone for Admin<V> {
 }
 
 impl<V: Views> Admin<V> {
+    /// The admin API over `views`. Until [`Admin::for_peer`] names the peer it answers as to
+    /// an unknown one (0.0.0.0): calls that change something are refused.
     pub(crate) fn new(views: V, shutdown: Shutdown) -> Admin<V> {
         let shared = Shared { views, shutdown, history: history::History::default() };
-        Admin { shared: Arc::new(shared), peer: SocketAddr::from(([127, 0, 0, 1], 0)) }
+        Admin { shared: Arc::new(shared), peer: SocketAddr::from(([0, 0, 0, 0], 0)) }
     }
 
     /// The same admin API, answering `peer`.
@@ -455,6 +457,8 @@ mod tests {
         assert!(!app.is_draining(), "a refused request must not start a shutdown");
         let get = call(&admin, "10.1.2.3:4567", Request::get("/live").body(()).unwrap());
         assert_eq!(get.await.status(), StatusCode::OK, "probes stay open to the network");
+        let unnamed = admin.clone().oneshot(shutdown()).await.unwrap();
+        assert_eq!(unnamed.status(), StatusCode::FORBIDDEN, "no peer named: not loopback");
         // A dual-stack admin socket sees IPv4 loopback as ::ffff:127.0.0.1.
         let resp = call(&admin, "[::ffff:127.0.0.1]:9", shutdown()).await;
         assert_eq!(resp.status(), StatusCode::ACCEPTED);
