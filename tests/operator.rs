@@ -309,6 +309,32 @@ async fn outrider_status_prints_services_and_endpoints_and_json_for_scripts() {
     assert!(svc["totals"]["requests"].as_u64().unwrap() >= 3, "{svc}");
     assert_eq!(svc["totals"]["ejections"], 1, "{svc}");
 
+    // On a terminal (a pty from util-linux's `script`) the states are coloured, unless NO_COLOR.
+    let on_terminal = |no_color: bool| {
+        let command = format!("{} status --admin {admin}", env!("CARGO_BIN_EXE_outrider"));
+        let mut script = std::process::Command::new("script");
+        script.args(["-qec", &command, "/dev/null"]).env_remove("NO_COLOR");
+        if no_color {
+            script.env("NO_COLOR", "1");
+        }
+        tokio::task::spawn_blocking(move || script.output().expect("script runs (util-linux)"))
+    };
+    let coloured = String::from_utf8(within(on_terminal(false)).await.unwrap().stdout).unwrap();
+    assert!(
+        coloured.contains("\x1b[32mactive\x1b[0m") && coloured.contains("\x1b[31mejected\x1b[0m"),
+        "{coloured}"
+    );
+    let plain = String::from_utf8(within(on_terminal(true)).await.unwrap().stdout).unwrap();
+    assert!(plain.contains("ejected") && !plain.contains('\x1b'), "{plain}");
+
+    // The defaults the README documents.
+    let (code, help, _) = outrider(vec!["status".into(), "--help".into()]).await;
+    assert_eq!(code, 0);
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" "); // unwrapped
+    for default in ["[env: OUTRIDER_ADMIN=]", "[default: 127.0.0.1:9901]", "[default: 2s]"] {
+        assert!(help.contains(default), "{default}:\n{help}");
+    }
+
     // --watch refreshes until stopped.
     let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_outrider"))
         .args(["status", "--watch", "--interval", "100ms", "--admin", &admin])
