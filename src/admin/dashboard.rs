@@ -57,6 +57,7 @@ async fn overview(views: &impl Views, history: &History) -> Value {
                 obj.insert("kind".into(), kind.into());
             }
             let (rates, chart) = history.service(name).unwrap_or_default();
+            let snapshot = up.balancer.snapshot();
             let mut endpoints = up.balancer.describe_learning(up.config.client_weighted.as_ref());
             endpoints.sort_by_key(|e| (e.state == "active", e.addr));
             let omitted = endpoints.len().saturating_sub(MAX_ENDPOINTS);
@@ -75,8 +76,8 @@ async fn overview(views: &impl Views, history: &History) -> Value {
                 "protocol": up.config.protocol,
                 "load_balancing": up.config.load_balancing,
                 "discovery": source,
-                "synced": up.balancer.snapshot().synced,
-                "panic_mode": up.balancer.snapshot().panic(),
+                "synced": snapshot.synced,
+                "panic_mode": snapshot.panic(),
                 "circuit_breaker": up.breaker.state_name(),
                 "in_flight": up.breaker.in_flight(),
                 "rates": rates,

@@ -174,12 +174,11 @@ impl Series {
         endpoints: impl Iterator<Item = (SocketAddr, EndpointTotals)>,
     ) {
         push(&mut self.points, (at, totals), KEEP + 1);
-        let mut seen = Vec::new();
         for (addr, totals) in endpoints {
             push(self.endpoints.entry(addr).or_default(), (at, totals), WINDOW + 1);
-            seen.push(addr);
         }
-        self.endpoints.retain(|addr, _| seen.contains(addr));
+        // An endpoint not in this sample is gone.
+        self.endpoints.retain(|_, ring| ring.back().is_some_and(|(t, _)| *t == at));
     }
 }
 

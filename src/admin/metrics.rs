@@ -18,6 +18,7 @@ use http_body_util::Full;
 
 use super::Views;
 use crate::telemetry::metrics::{Histogram, get};
+use crate::upstream::STATES;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -294,25 +295,16 @@ impl<V: Views> Collector for Scrape<V> {
 
         let rows: Vec<_> = ups.iter().map(|(n, up)| (svc(n), i64::from(up.breaker.in_flight()))).collect();
         gauge(&mut enc, "outrider_requests_in_flight", "Requests in flight per service.", &rows)?;
-        let rows: Vec<_> = ups
-            .iter()
-            .map(|(n, up)| {
-                let ejected = up
-                    .balancer
-                    .describe()
-                    .iter()
-                    .filter(|e| e.state == "ejected" || e.state == "probing")
-                    .count();
-                (svc(n), ejected as i64)
-            })
-            .collect();
+        // One pass over each service's endpoints serves both gauges.
+        let counts: Vec<_> = ups.iter().map(|(n, up)| (n.as_str(), up.balancer.state_counts())).collect();
+        let at = |state: &str| STATES.iter().position(|s| *s == state).unwrap_or(0);
+        let rows: Vec<_> =
+            counts.iter().map(|(n, c)| (svc(n), (c[at("ejected")] + c[at("probing")]) as i64)).collect();
         gauge(&mut enc, "outrider_endpoints_ejected", "Endpoints currently ejected.", &rows)?;
         let mut rows = Vec::new();
-        for (n, up) in &ups {
-            let described = up.balancer.describe();
-            for state in crate::upstream::STATES {
-                let count = described.iter().filter(|e| e.state == state).count();
-                rows.push((vec![("service", n.as_str()), ("state", state)], count as i64));
+        for (n, c) in &counts {
+            for (state, count) in STATES.iter().zip(c) {
+                rows.push((vec![("service", *n), ("state", *state)], *count as i64));
             }
         }
         gauge(

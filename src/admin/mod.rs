@@ -279,12 +279,13 @@ async fn upstreams(views: &impl Views) -> Response<Full<Bytes>> {
         .services
         .iter()
         .map(|(name, up)| {
+            let snapshot = up.balancer.snapshot();
             let view = json!({
                 "load_balancing": up.config.load_balancing,
                 "protocol": up.config.protocol,
                 "discovery": discovery_name(&up.config.discovery),
-                "synced": up.balancer.snapshot().synced,
-                "panic_mode": up.balancer.snapshot().panic(),
+                "synced": snapshot.synced,
+                "panic_mode": snapshot.panic(),
                 "circuit_breaker": up.breaker.state_name(),
                 "in_flight": up.breaker.in_flight(),
                 "watch": watches.remove(name),

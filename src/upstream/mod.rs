@@ -385,11 +385,31 @@ impl Balancer {
                 weight: e.weight,
                 tags: (*e.tags).clone(),
                 in_flight: e.state.in_flight(),
-                state: if e.weight == 0 { "draining" } else { e.state.state_name() },
+                state: e.state_name(),
                 consecutive_failures: e.state.health.consecutive_failures(),
                 times_ejected: e.state.health.times_ejected(),
             })
             .collect()
+    }
+
+    /// How many endpoints are in each of [`STATES`] (for `/metrics`), without describing them.
+    pub fn state_counts(&self) -> [usize; STATES.len()] {
+        let mut counts = [0; STATES.len()];
+        for e in &self.snapshot.load().endpoints {
+            if let Some(i) = STATES.iter().position(|s| *s == e.state_name()) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    /// One of [`STATES`]: its own state, or `draining` while its weight is 0.
+    pub fn state_name(&self) -> &'static str {
+        if self.weight == 0 { "draining" } else { self.state.state_name() }
     }
 }
 
