@@ -84,24 +84,33 @@ impl Locks {
             wait,
             client.lock(format!("{PREFIX}{name}"), Some(LockOptions::new().with_lease(lease))),
         );
-        let key = match locked.await {
-            Ok(Ok(resp)) => resp.key().to_vec(),
-            failed => {
-                // Revoking the lease withdraws our place in the queue.
-                keepalive.cancel();
+        // Revoking the lease withdraws our place in the queue, or the lock once granted.
+        let abandon = |mut client: etcd_client::Client| {
+            keepalive.cancel();
+            async move {
                 let _ = tokio::time::timeout(t, client.lease_revoke(lease)).await;
-                return Err(match failed {
-                    Err(_) => LockError::Busy(name.to_string(), wait),
-                    Ok(Err(e)) => etcd_error(e),
-                    Ok(Ok(_)) => unreachable!("handled above"),
-                });
             }
         };
-        let got = tokio::time::timeout(t, client.get(key.clone(), None))
-            .await
-            .map_err(etcd_error)?
-            .map_err(etcd_error)?;
-        let token = got.kvs().first().map_or(0, |kv| kv.create_revision());
+        let key = match locked.await {
+            Ok(Ok(resp)) => resp.key().to_vec(),
+            Err(_) => {
+                abandon(client).await;
+                return Err(LockError::Busy(name.to_string(), wait));
+            }
+            Ok(Err(e)) => {
+                abandon(client).await;
+                return Err(etcd_error(e));
+            }
+        };
+        // The token is the key's creation revision; without it the lock is of no use.
+        let got = tokio::time::timeout(t, client.get(key.clone(), None)).await.map_err(etcd_error);
+        let token = match got.and_then(|r| r.map_err(etcd_error)) {
+            Ok(got) => got.kvs().first().map_or(0, |kv| kv.create_revision()),
+            Err(e) => {
+                abandon(client).await;
+                return Err(e);
+            }
+        };
         tracing::info!(lock = name, token, "lock acquired for the app");
         self.held.lock().await.insert(name.to_string(), Held { key, lease, token, keepalive });
         Ok(Granted { lock: name.to_string(), token })
