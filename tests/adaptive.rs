@@ -13,18 +13,24 @@ use support::*;
 const PEAK_EWMA: &str = "    load_balancing: peak_ewma\n    retries: { max_attempts: 1 }\n\
                          \x20   outlier_detection: { consecutive_failures: 0 }\n    circuit_breaker: { failure_ratio: 0 }\n";
 
+/// 600 requests under peak_ewma to two healthy backends and `odd` (whose body is `name`):
+/// the share `odd` got, and every backend's count.
+async fn peak_ewma_share(odd: &Backend, name: &str) -> (f64, std::collections::HashMap<String, usize>) {
+    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
+    let app = start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (odd.addr, 1)])).await;
+    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
+    let seen = spread(&url, 600, &[]).await;
+    (seen.get(name).copied().unwrap_or(0) as f64 / 600.0, seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_moves_traffic_off_a_slow_backend() {
-    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
     let slow = Backend::start(|_req| async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         text(200, "slow")
     })
     .await;
-    let app = start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (slow.addr, 1)])).await;
-    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 600, &[]).await;
-    let share = seen.get("slow").copied().unwrap_or(0) as f64 / 600.0;
+    let (share, seen) = peak_ewma_share(&slow, "slow").await;
     println!("peak_ewma: the +50 ms backend got {:.1}% of 600 requests (round-robin: 33%)", share * 100.0);
     // Measured 0.8 %; the bound leaves room for a loaded CI machine, whose hiccups on the
     // fast backends decay over seconds.
@@ -33,13 +39,8 @@ async fn peak_ewma_moves_traffic_off_a_slow_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_does_not_reward_a_backend_that_fails_fast() {
-    let (a, b) = (Backend::named("a").await, Backend::named("b").await);
     let failing = Backend::start(|_req| async { text(503, "failing") }).await;
-    let app =
-        start_app(&one_service("http", PEAK_EWMA, &[(a.addr, 1), (b.addr, 1), (failing.addr, 1)])).await;
-    let url = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let seen = spread(&url, 600, &[]).await;
-    let share = seen.get("failing").copied().unwrap_or(0) as f64 / 600.0;
+    let (share, seen) = peak_ewma_share(&failing, "failing").await;
     println!("peak_ewma: the backend answering 503 at once got {:.1}% of 600 requests", share * 100.0);
     assert!(share < 0.10, "{seen:?}");
 }

@@ -157,8 +157,7 @@ async fn the_dashboard_shows_endpoints_and_an_ejection_live_in_a_real_browser() 
     let app = start_app(&yaml).await;
     let backends = [a, b, bad];
     let front = format!("http://{}/", app.listener_addr("front").await.unwrap());
-    let (ok, _) = tally_ok(&front, 60).await;
-    assert_eq!(ok, 60);
+    assert_eq!(spread_ok(&front, 60, &[]).await.len(), 3, "every endpoint answers");
     let load = Load::start(&front, 1);
     let browser = Browser::start().await;
     browser.open(&format!("http://{}/", app.admin_addr())).await;
@@ -243,12 +242,6 @@ async fn the_dashboard_shows_endpoints_and_an_ejection_live_in_a_real_browser() 
     browser.quit().await;
 }
 
-/// `n` GETs of `url`; (answered 200, all).
-async fn tally_ok(url: &str, n: usize) -> (usize, usize) {
-    let counts = tally(url, n, &[]).await;
-    (counts.iter().filter(|((s, _), _)| *s == 200).map(|(_, c)| c).sum(), n)
-}
-
 /// Runs `outrider ARGS` to completion: (exit code, stdout, stderr).
 async fn outrider(args: Vec<String>) -> (i32, String, String) {
     outrider_env(args, None).await
@@ -282,6 +275,16 @@ async fn outrider_status_prints_services_and_endpoints_and_json_for_scripts() {
     })
     .await;
     let admin = app.admin_addr().to_string();
+    // The gauges the alert rules read count the same states.
+    let metrics = app.metrics_text();
+    for sample in [
+        "outrider_endpoints{service=\"svc\",state=\"active\"} 2",
+        "outrider_endpoints{service=\"svc\",state=\"ejected\"} 1",
+        "outrider_endpoints{service=\"svc\",state=\"unhealthy\"} 0",
+        "outrider_endpoints_ejected{service=\"svc\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == sample), "{sample}:\n{metrics}");
+    }
 
     let (code, table, _) = outrider(vec!["status".into(), "--admin".into(), admin.clone()]).await;
     assert_eq!(code, 0);
